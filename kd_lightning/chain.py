@@ -1,0 +1,196 @@
+"""A chain (or study) of stages: teacher -> TA ... -> student, over seeds, resumable.
+
+Each step is the base config composed with the step's own overrides (config-group choices and
+values, as on the command line) and then the user's command-line overrides, so `trainer.max_epochs=1`
+shrinks every step. A step with `teacher: <step name>` distils from that step's best checkpoint.
+`chain.json` records every step's architecture, teacher, best checkpoint, test metrics and status;
+running the same command again skips finished steps and resumes an interrupted one from its
+`last.ckpt`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from kd_lightning.run import read_summary, run_dir, run_stage, write_json_atomic
+
+CHAIN_FILE = "chain.json"
+
+
+def plan_steps(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Expand `chain.steps` over `chain.seeds`; `shared: true` steps (teachers) run once."""
+    seeds = [int(s) for s in cfg.chain.get("seeds", [cfg.seed])]
+    names = [str(step.name) for step in cfg.chain.steps]
+    if len(set(names)) != len(names):
+        raise ValueError(f"chain.steps has repeated names {names}; expected unique step names")
+    planned: list[dict[str, Any]] = []
+    for seed in seeds:
+        for step in cfg.chain.steps:
+            shared = bool(step.get("shared", False))
+            if shared and seed != seeds[0]:
+                continue
+            teacher = step.get("teacher")
+            if teacher is not None and str(teacher) not in names:
+                if not Path(str(teacher)).exists():
+                    raise ValueError(
+                        f"chain step {step.name!r}: teacher {teacher!r} is neither a step "
+                        f"({names}) nor an existing path"
+                    )
+            planned.append(
+                {
+                    "name": str(step.name),
+                    "seed": seeds[0] if shared else seed,
+                    "shared": shared,
+                    "teacher_step": str(teacher) if teacher is not None else None,
+                    "overrides": [str(o) for o in step.get("overrides", [])],
+                    "dir": str(step.name)
+                    if shared or len(seeds) == 1
+                    else f"seed{seed}/{step.name}",
+                }
+            )
+    return planned
+
+
+def _teacher_dir(
+    planned: list[dict[str, Any]], step: dict[str, Any], chain_dir: Path
+) -> str | None:
+    ref = step["teacher_step"]
+    if ref is None:
+        return None
+    for other in planned:
+        if other["name"] == ref and (other["shared"] or other["seed"] == step["seed"]):
+            return str(chain_dir / other["dir"])
+    return str(Path(ref).resolve())
+
+
+def user_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task)
+
+
+def compose_step(
+    step: dict[str, Any], teacher: str | None, base_overrides: list[str]
+) -> DictConfig:
+    overrides = [*step["overrides"], *base_overrides, f"seed={step['seed']}"]
+    if teacher is not None:
+        overrides.append(f"module.teacher={teacher}")
+    return compose(config_name="config", overrides=overrides)
+
+
+def run_chain(cfg: DictConfig) -> dict[str, Any]:
+    chain_dir = run_dir()
+    planned = plan_steps(cfg)
+    state_path = chain_dir / CHAIN_FILE
+    records = _initial_records(planned, chain_dir, state_path)
+    base_overrides = user_overrides()
+    started = time.perf_counter()
+    for step, record in zip(planned, records):
+        step_dir = chain_dir / step["dir"]
+        if record["status"] == "done" and read_summary(step_dir) is not None:
+            continue
+        teacher = _teacher_dir(planned, step, chain_dir)
+        step_cfg = compose_step(step, teacher, base_overrides)
+        record.update(
+            {
+                "arch": str(step_cfg.model.arch),
+                "method": str(step_cfg.method),
+                "role": str(step_cfg.role),
+                "teacher": teacher,
+                "status": "running",
+            }
+        )
+        write_json_atomic(state_path, _chain_payload(cfg, records))
+        print(f"[kd_lightning] chain step {step['dir']} ({record['arch']}, {record['method']})")
+        try:
+            summary = run_stage(step_cfg, out_dir=step_dir)
+        except BaseException:
+            record["status"] = "failed"
+            write_json_atomic(state_path, _chain_payload(cfg, records))
+            raise
+        record.update(
+            {
+                "status": "done",
+                "best_checkpoint": summary["best_checkpoint"],
+                "test": summary["test"],
+            }
+        )
+        write_json_atomic(state_path, _chain_payload(cfg, records))
+    payload = _chain_payload(cfg, records)
+    payload["seconds_this_run"] = round(time.perf_counter() - started, 1)
+    write_json_atomic(state_path, payload)
+    _report(cfg, chain_dir)
+    _print_table(records)
+    return payload
+
+
+def _initial_records(
+    planned: list[dict[str, Any]], chain_dir: Path, state_path: Path
+) -> list[dict[str, Any]]:
+    previous: dict[str, dict[str, Any]] = {}
+    if state_path.is_file():
+        try:
+            previous = {s["dir"]: s for s in json.loads(state_path.read_text())["steps"]}
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{state_path} is not a readable chain file ({err})") from err
+    records = []
+    for step in planned:
+        record = {
+            "name": step["name"],
+            "seed": step["seed"],
+            "dir": step["dir"],
+            "arch": None,
+            "method": None,
+            "role": None,
+            "teacher": None,
+            "best_checkpoint": None,
+            "test": None,
+            "status": "pending",
+        }
+        record.update(previous.get(step["dir"], {}))
+        summary = read_summary(chain_dir / step["dir"])
+        if summary is not None:
+            record.update(
+                status="done",
+                arch=summary["model"]["arch"],
+                method=summary["method"],
+                role=summary["role"],
+                best_checkpoint=summary["best_checkpoint"],
+                test=summary["test"],
+            )
+        elif record["status"] == "done":
+            record["status"] = "pending"
+        records.append(record)
+    return records
+
+
+def _chain_payload(cfg: DictConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "name": str(cfg.name),
+        "seeds": OmegaConf.to_container(cfg.chain.get("seeds", [cfg.seed])),
+        "steps": records,
+    }
+
+
+def _report(cfg: DictConfig, chain_dir: Path) -> None:
+    if not cfg.chain.get("report", False):
+        return
+    from kd_lightning import report
+
+    report.write_report(report.collect_runs([chain_dir]), chain_dir)
+
+
+def _print_table(records: list[dict[str, Any]]) -> None:
+    print(f"{'step':<24}{'arch':<11}{'method':<14}{'status':<9}{'test/acc':>9}{'test/auroc':>11}")
+    for r in records:
+        test = r.get("test") or {}
+        acc, auroc = test.get("test/acc"), test.get("test/auroc")
+        print(
+            f"{r['dir']:<24}{r['arch'] or '-':<11}{r['method'] or '-':<14}{r['status']:<9}"
+            f"{acc if acc is None else f'{acc:.4f}':>9}{auroc if auroc is None else f'{auroc:.4f}':>11}"
+        )

@@ -1,0 +1,97 @@
+"""Plain classification (the teacher, TAs trained from scratch, and the paper's Base student)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_lightning.models.backbones import build_resnet
+from kd_lightning.modules.metrics import StageMetrics
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., Any]
+
+
+class ClassifierModule(L.LightningModule):
+    """A ResNet trained with cross-entropy; validation and test report `stage/metric` keys.
+
+    The network is built from `model` (a plain dict: arch, in_channels, stem, pretrained,
+    weights_path), which is saved as a hyperparameter so that any checkpoint rebuilds its own
+    architecture, e.g. when it becomes the teacher of the next step of a chain.
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        num_classes: int = 2,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        class_weights: list[float] | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.model = build_resnet(num_classes=num_classes, **dict(model))
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.val_metrics = StageMetrics("val", num_classes)
+        self.test_metrics = StageMetrics("test", num_classes)
+        self.test_confusion: list[list[int]] | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets, weight=self.class_weights)
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        images, targets = batch
+        loss = self.cross_entropy(self(images), targets)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: StageMetrics) -> None:
+        images, targets = batch
+        logits = self(images)
+        self.log(f"{metrics.stage}/loss", self.cross_entropy(logits, targets), on_epoch=True)
+        metrics.update(logits, targets)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_confusion = self.test_metrics.confusion_matrix()
+        self.test_metrics.reset()
+
+    def trainable_modules(self) -> nn.Module:
+        """What the optimizer updates; a distillation module narrows this to the student."""
+        return self.model
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.trainable_modules().parameters() if p.requires_grad]
+        optimizer = (self.optimizer_factory or torch.optim.Adam)(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}

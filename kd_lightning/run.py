@@ -1,0 +1,195 @@
+"""One stage: build the datamodule, module and Trainer from the config, fit, test the best
+checkpoint, and write `summary.json` into the run directory."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from kd_lightning.models.backbones import check_image_size, count_parameters
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+SUMMARY = "summary.json"
+
+
+class EpochTimer(Callback):
+    """Wall seconds of each training epoch, for the seconds-per-epoch figure in summary.json."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def check_trainer_config(trainer_cfg: DictConfig) -> None:
+    """Refuse Trainer options this Lightning does not know, and hardware this machine lacks."""
+    valid = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    unknown = sorted(set(trainer_cfg) - valid - {"_target_"})
+    if unknown:
+        raise ValueError(
+            f"unknown trainer option(s) {unknown}; valid Lightning Trainer arguments: {sorted(valid)}"
+        )
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    precision = str(trainer_cfg.get("precision", "32-true"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"trainer.accelerator={accelerator} but this machine has no CUDA GPU; "
+            "use trainer=cpu (or trainer.accelerator=cpu)"
+        )
+    if precision.startswith("16") and not torch.cuda.is_available():
+        raise ValueError(
+            f"trainer.precision={precision} needs a CUDA GPU; on CPU use bf16-mixed or 32-true"
+        )
+
+
+def run_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def read_summary(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); move it away to rerun") from err
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
+    """Train and test one model; return (and write) its summary. A finished run only reports."""
+    out_dir = Path(out_dir) if out_dir is not None else run_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finished = read_summary(out_dir)
+    if finished is not None:
+        print(f"[kd_lightning] {out_dir} already finished; reporting its {SUMMARY}")
+        return finished
+
+    check_trainer_config(cfg.trainer)
+    check_image_size(int(cfg.data.image_size), str(cfg.model.stem))
+    L.seed_everything(int(cfg.seed), workers=True)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    weights = datamodule.class_weights
+    module = instantiate(
+        cfg.module, class_weights=weights.tolist() if weights is not None else None
+    )
+
+    ckpt_dir = out_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best-{epoch:03d}",
+        monitor=cfg.checkpoint.monitor,
+        mode=cfg.checkpoint.mode,
+        save_last=True,
+    )
+    timer = EpochTimer()
+    logger = instantiate(cfg.logger, save_dir=str(out_dir)) if cfg.get("logger") else False
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=[checkpoint, timer], logger=logger, default_root_dir=str(out_dir)
+    )
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    last = ckpt_dir / "last.ckpt"
+    resume_from = str(last) if cfg.get("resume", True) and last.is_file() else None
+    if resume_from:
+        print(f"[kd_lightning] resuming {out_dir} from {last}")
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    fit_seconds = time.perf_counter() - started
+
+    best = checkpoint.best_model_path or str(last)
+    results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    summary = build_summary(cfg, module, results[0] if results else {}, best, out_dir)
+    summary.update(
+        {
+            "epochs": int(trainer.current_epoch),
+            "fit_seconds": round(fit_seconds, 2),
+            "seconds_per_epoch": round(sum(timer.seconds) / len(timer.seconds), 2)
+            if timer.seconds
+            else None,
+            "best_val": {cfg.checkpoint.monitor: _as_float(checkpoint.best_model_score)},
+        }
+    )
+    if trainer.is_global_zero:
+        write_json_atomic(out_dir / SUMMARY, summary)
+        print_summary(summary)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Without this, gloo processes sometimes abort at exit (platform notes: 2 of 19 runs).
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def build_summary(
+    cfg: DictConfig,
+    module: L.LightningModule,
+    test_metrics: dict[str, float],
+    best_checkpoint: str,
+    out_dir: Path,
+) -> dict[str, Any]:
+    model_file = out_dir / "model.pt"
+    # The student alone, weights of the best checkpoint: what a user deploys, and what "size" means.
+    torch.save(module.model.state_dict(), model_file)
+    return {
+        "name": cfg.name,
+        "method": cfg.method,
+        "role": cfg.role,
+        "seed": int(cfg.seed),
+        "model": {
+            **OmegaConf.to_container(cfg.model, resolve=True),
+            "num_classes": module.hparams.num_classes,
+        },
+        "teacher": getattr(module, "teacher_source", None),
+        "test": {k: float(v) for k, v in sorted(test_metrics.items())},
+        "test_confusion_matrix": getattr(module, "test_confusion", None),
+        "best_checkpoint": str(Path(best_checkpoint).resolve()),
+        "model_file": str(model_file.resolve()),
+        "model_file_mb": round(model_file.stat().st_size / 2**20, 3),
+        "parameters": count_parameters(module.model),
+        "data": {
+            "path": str(cfg.data.path),
+            "image_size": int(cfg.data.image_size),
+            "num_classes": int(cfg.data.num_classes),
+        },
+        "run_dir": str(out_dir.resolve()),
+    }
+
+
+def _as_float(value: Any) -> float | None:
+    return float(value) if value is not None else None
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    metrics = "  ".join(
+        f"{k}={v:.4f}" for k, v in summary["test"].items() if not k.endswith("loss")
+    )
+    print(
+        f"[kd_lightning] {summary['name']} ({summary['model']['arch']}, "
+        f"{summary['parameters'] / 1e6:.1f}M params): {metrics}"
+    )
