@@ -1,4 +1,4 @@
-"""`python -m kd_lightning [+experiment=NAME] [overrides]`: compose the config and hand it to its task."""
+"""`python -m kd_lightning [+experiment=NAME] [overrides]`: compose the config, run its task."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """A chain (or study) of stages: teacher -> TA ... -> student, over seeds, resumable.
 
 Each step is the base config composed with the step's own overrides (config-group choices and
-values, as on the command line) and then the user's command-line overrides, so `trainer.max_epochs=1`
-shrinks every step. A step with `teacher: <step name>` distils from that step's best checkpoint.
+values, as on the command line) and then the user's command-line overrides, so
+`trainer.max_epochs=1` shrinks every step. A step with `teacher: <step name>` distils from that
+step's best checkpoint.
 `chain.json` records every step's architecture, teacher, best checkpoint, test metrics and status;
 running the same command again skips finished steps and resumes an interrupted one from its
 `last.ckpt`.
@@ -90,7 +91,7 @@ def run_chain(cfg: DictConfig) -> dict[str, Any]:
     records = _initial_records(planned, chain_dir, state_path)
     base_overrides = user_overrides()
     started = time.perf_counter()
-    for step, record in zip(planned, records):
+    for step, record in zip(planned, records, strict=True):
         step_dir = chain_dir / step["dir"]
         if record["status"] == "done" and read_summary(step_dir) is not None:
             continue
@@ -189,8 +190,9 @@ def _print_table(records: list[dict[str, Any]]) -> None:
     print(f"{'step':<24}{'arch':<11}{'method':<14}{'status':<9}{'test/acc':>9}{'test/auroc':>11}")
     for r in records:
         test = r.get("test") or {}
-        acc, auroc = test.get("test/acc"), test.get("test/auroc")
+        acc = "-" if test.get("test/acc") is None else f"{test['test/acc']:.4f}"
+        auroc = "-" if test.get("test/auroc") is None else f"{test['test/auroc']:.4f}"
         print(
             f"{r['dir']:<24}{r['arch'] or '-':<11}{r['method'] or '-':<14}{r['status']:<9}"
-            f"{acc if acc is None else f'{acc:.4f}':>9}{auroc if auroc is None else f'{auroc:.4f}':>11}"
+            f"{acc:>9}{auroc:>11}"
         )

@@ -17,7 +17,7 @@ def _has_wandb_key() -> bool:
 
 
 def wandb_logger(offline: bool | None = None, **kwargs: Any) -> WandbLogger:
-    """A WandbLogger that goes offline when no API key is configured, so it never waits on the network.
+    """A WandbLogger that is offline when no API key is set, so it never waits on the network.
 
     `offline=None` decides from the environment; WANDB_MODE=offline/disabled also wins.
     """

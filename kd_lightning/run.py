@@ -44,7 +44,8 @@ def check_trainer_config(trainer_cfg: DictConfig) -> None:
     unknown = sorted(set(trainer_cfg) - valid - {"_target_"})
     if unknown:
         raise ValueError(
-            f"unknown trainer option(s) {unknown}; valid Lightning Trainer arguments: {sorted(valid)}"
+            f"unknown trainer option(s) {unknown}; "
+            f"valid Lightning Trainer arguments: {sorted(valid)}"
         )
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     precision = str(trainer_cfg.get("precision", "32-true"))

@@ -1,7 +1,7 @@
-"""torchvision ResNets for chest X-rays: 1- or 3-channel input, ImageNet or small-image stem, weights.
+"""torchvision ResNets for chest X-rays: 1 or 3 input channels, ImageNet or small stem, weights.
 
-The small stem (3x3 stride-1 conv, no max-pool) is MedMNIST's choice for 28-64 px images: it keeps the
-spatial resolution that the ImageNet stem's stride-4 entry would throw away. Weights come from
+The small stem (3x3 stride-1 conv, no max-pool) is MedMNIST's choice for 28-64 px images: it keeps
+the spatial resolution that the ImageNet stem's stride-4 entry would throw away. Weights come from
 torchvision (online), from a local file, or not at all.
 """
 

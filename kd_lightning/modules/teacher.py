@@ -69,7 +69,8 @@ def load_teacher(
         ) from err
     if ckpt_classes != num_classes:
         raise ValueError(
-            f"teacher {path} predicts {ckpt_classes} classes; expected {num_classes} (data.num_classes)"
+            f"teacher {path} predicts {ckpt_classes} classes; "
+            f"expected {num_classes} (data.num_classes)"
         )
     if expected_model:
         for key in ("arch", "in_channels", "stem"):
