@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -14,12 +16,23 @@ from omegaconf import DictConfig  # noqa: E402
 
 from kd_lightning.conf_path import config_dir  # noqa: E402
 
+# Lightning notices that are expected here: the frozen teacher is in eval mode by design, and tiny
+# test budgets have fewer batches than the logging interval.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")
+warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+
 # Errors a user can fix from the command line: shown as one line, without a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> Any:
+    # Lightning adds its own console handler when imported; Hydra's handler already prints (and
+    # writes the run's log file), so keep one of them to avoid every line printed twice.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
     try:
         result = get_method(cfg.task)(cfg)
     except USER_ERRORS as err:

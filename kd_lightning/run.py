@@ -156,8 +156,10 @@ def build_summary(
 ) -> dict[str, Any]:
     model_file = out_dir / "model.pt"
     # The student alone, weights of the best checkpoint: what a user deploys, and what "size" means.
-    torch.save(module.model.state_dict(), model_file)
+    torch.save(module.deployable_state_dict(), model_file)
+    artifacts = module.write_artifacts(out_dir)
     return {
+        **artifacts,
         "name": cfg.name,
         "method": cfg.method,
         "role": cfg.role,

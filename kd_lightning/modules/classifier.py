@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -84,6 +85,14 @@ class ClassifierModule(L.LightningModule):
         self.log_dict(self.test_metrics.compute())
         self.test_confusion = self.test_metrics.confusion_matrix()
         self.test_metrics.reset()
+
+    def deployable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The network's weights as a plain torchvision ResNet state dict (what model.pt holds)."""
+        return self.model.state_dict()
+
+    def write_artifacts(self, out_dir: Path) -> dict[str, Any]:
+        """Extra files a module writes beside model.pt; returns entries for summary.json."""
+        return {}
 
     def trainable_modules(self) -> nn.Module:
         """What the optimizer updates; a distillation module narrows this to the student."""

@@ -59,8 +59,12 @@ class DistillModule(ClassifierModule):
         self.kd_weight = float(kd_weight)
         self.ce_weight = float(ce_weight)
         self.keep_teacher = keep_teacher_in_checkpoint
-        self.student_hooks = FeatureHooks(self.model, [p["student"] for p in self.pairs])
-        self.teacher_hooks = FeatureHooks(self.teacher, [p["teacher"] for p in self.pairs])
+        # KD alone needs no hooks; with pairs, an unknown layer name fails here, before training.
+        self.hooks = []
+        if self.pairs:
+            self.student_hooks = FeatureHooks(self.model, [p["student"] for p in self.pairs])
+            self.teacher_hooks = FeatureHooks(self.teacher, [p["teacher"] for p in self.pairs])
+            self.hooks = [self.student_hooks, self.teacher_hooks]
 
     def train(self, mode: bool = True) -> DistillModule:
         super().train(mode)
@@ -81,13 +85,15 @@ class DistillModule(ClassifierModule):
         weighted = [self.ce_weight * terms["ce"]]
         for pair in self.pairs:
             name = f"nst_{pair['student']}"
-            s_map, t_map = self.student_hooks[pair["student"]], self.teacher_hooks[pair["teacher"]]
-            terms[name] = self.nst(s_map, t_map)
+            terms[name] = self.nst(
+                self.student_hooks.features[pair["student"]],
+                self.teacher_hooks.features[pair["teacher"]],
+            )
             weighted.append(float(pair["weight"]) * terms[name])
         if self.kd_weight:
             terms["kd"] = self.kd(logits, teacher_logits)
             weighted.append(self.kd_weight * terms["kd"])
-        self.student_hooks.clear(), self.teacher_hooks.clear()
+        self.clear_features()
         loss = torch.stack(weighted).sum()
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=False, on_epoch=True)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
@@ -98,12 +104,16 @@ class DistillModule(ClassifierModule):
             return images.contiguous(memory_format=torch.channels_last)
         return images
 
+    def clear_features(self) -> None:
+        for hooks in self.hooks:
+            hooks.clear()
+
     def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        # Evaluation runs only the student; its hooks still fire, so clear what they caught.
-        self.student_hooks.clear()
+        # Evaluation runs only the student; its hooks still fire, so drop what they caught.
+        self.clear_features()
 
     def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        self.student_hooks.clear()
+        self.clear_features()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not self.keep_teacher:
