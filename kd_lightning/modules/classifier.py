@@ -36,7 +36,8 @@ class ClassifierModule(L.LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # Subclasses' loss objects are rebuilt from config, never pickled into hparams.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "nst", "kd"])
         self.model = build_resnet(num_classes=num_classes, **dict(model))
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
