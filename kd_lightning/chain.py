@@ -25,15 +25,61 @@ from kd_lightning.run import read_summary, run_dir, run_stage, write_json_atomic
 CHAIN_FILE = "chain.json"
 
 
+def chain_steps(cfg: DictConfig) -> list[dict[str, Any]]:
+    """`chain.steps` as written, followed by the steps `chain.archs` stands for.
+
+    `chain.archs: [resnet152, resnet101, resnet50, resnet34, resnet18]` is a teacher-assistant
+    chain: the first architecture is trained from scratch (or reused: `chain.teacher` names an
+    existing step or path), each next one distils from the one before with `chain.hop_overrides`;
+    the last is the student.
+    """
+    steps = [OmegaConf.to_container(step, resolve=False) for step in cfg.chain.get("steps") or []]
+    archs = [str(a) for a in cfg.chain.get("archs") or []]
+    if not archs:
+        if not steps:
+            raise ValueError("chain has no steps; expected chain.steps or chain.archs")
+        return steps
+    if len(archs) < 2:
+        raise ValueError(f"chain.archs={archs}: expected a teacher and at least one student")
+    prefix = str(cfg.chain.get("prefix") or "")
+    hop = [str(o) for o in cfg.chain.get("hop_overrides") or []]
+    teacher = cfg.chain.get("teacher")
+    if teacher is None:
+        teacher = f"{prefix}{archs[0]}"
+        steps.append(
+            {
+                "name": teacher,
+                "shared": True,
+                "overrides": [f"model={archs[0]}", "role=teacher", "method=supervised"]
+                + [str(o) for o in cfg.chain.get("teacher_overrides") or []],
+            }
+        )
+    for index, arch in enumerate(archs[1:], start=1):
+        last = index == len(archs) - 1
+        name = (
+            str(cfg.chain.get("student_name") or f"{prefix}{arch}") if last else f"{prefix}{arch}"
+        )
+        steps.append(
+            {
+                "name": name,
+                "teacher": str(teacher),
+                "overrides": [f"model={arch}", *hop, f"role={'student' if last else 'ta'}"],
+            }
+        )
+        teacher = name
+    return steps
+
+
 def plan_steps(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Expand `chain.steps` over `chain.seeds`; `shared: true` steps (teachers) run once."""
+    """Expand the chain's steps over `chain.seeds`; `shared: true` steps (teachers) run once."""
     seeds = [int(s) for s in cfg.chain.get("seeds", [cfg.seed])]
-    names = [str(step.name) for step in cfg.chain.steps]
+    steps = chain_steps(cfg)
+    names = [str(step["name"]) for step in steps]
     if len(set(names)) != len(names):
-        raise ValueError(f"chain.steps has repeated names {names}; expected unique step names")
+        raise ValueError(f"chain steps have repeated names {names}; expected unique step names")
     planned: list[dict[str, Any]] = []
     for seed in seeds:
-        for step in cfg.chain.steps:
+        for step in steps:
             shared = bool(step.get("shared", False))
             if shared and seed != seeds[0]:
                 continue
@@ -41,19 +87,19 @@ def plan_steps(cfg: DictConfig) -> list[dict[str, Any]]:
             if teacher is not None and str(teacher) not in names:
                 if not Path(str(teacher)).exists():
                     raise ValueError(
-                        f"chain step {step.name!r}: teacher {teacher!r} is neither a step "
+                        f"chain step {step['name']!r}: teacher {teacher!r} is neither a step "
                         f"({names}) nor an existing path"
                     )
             planned.append(
                 {
-                    "name": str(step.name),
+                    "name": str(step["name"]),
                     "seed": seeds[0] if shared else seed,
                     "shared": shared,
                     "teacher_step": str(teacher) if teacher is not None else None,
                     "overrides": [str(o) for o in step.get("overrides", [])],
-                    "dir": str(step.name)
+                    "dir": step["name"]
                     if shared or len(seeds) == 1
-                    else f"seed{seed}/{step.name}",
+                    else f"seed{seed}/{step['name']}",
                 }
             )
     return planned
@@ -78,7 +124,12 @@ def user_overrides() -> list[str]:
 def compose_step(
     step: dict[str, Any], teacher: str | None, base_overrides: list[str]
 ) -> DictConfig:
-    overrides = [*step["overrides"], *base_overrides, f"seed={step['seed']}"]
+    overrides = [
+        *step["overrides"],
+        *base_overrides,
+        f"seed={step['seed']}",
+        f"name={step['name']}",
+    ]
     if teacher is not None:
         overrides.append(f"module.teacher={teacher}")
     return compose(config_name="config", overrides=overrides)

@@ -1,0 +1,261 @@
+"""LightningDataModule over the MedMNIST npz or a Kermany chest_xray folder (resize-once cache)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kd_lightning.data.cache import ImageCache, build_image_cache
+from kd_lightning.data.sources import (
+    SPLITS,
+    ImageRecord,
+    carve_val,
+    class_names,
+    ensure_npz,
+    load_npz,
+    scan_kermany,
+    stratified_subset,
+)
+from kd_lightning.data.transforms import (
+    AlbumentationsLike,
+    ToNormalizedTensor,
+    apply_augmentation,
+    clahe_stack,
+    resize_square,
+)
+
+log = logging.getLogger(__name__)
+
+
+class XRayDataset(Dataset):
+    """Rows `indices` of a uint8 (N, S, S) array (in memory or memory-mapped) with their labels."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        indices: np.ndarray,
+        labels: np.ndarray,
+        to_tensor: ToNormalizedTensor,
+        transform: AlbumentationsLike | None = None,
+        name: str = "transform",
+    ) -> None:
+        self.images, self.indices, self.labels = images, indices, labels
+        self.to_tensor, self.transform, self.name = to_tensor, transform, name
+        self._seeded_pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _seed_transform(self) -> None:
+        # albumentations 2.x draws from its own generator, not numpy's global one, so
+        # seed_everything alone would leave augmentation unseeded. Seed it once per process from
+        # torch (the worker seed in a worker), which seed_everything controls.
+        if self._seeded_pid == os.getpid() or not hasattr(self.transform, "set_random_seed"):
+            return
+        info = torch.utils.data.get_worker_info()
+        seed = info.seed if info is not None else torch.initial_seed()
+        self.transform.set_random_seed(seed % 2**32)
+        self._seeded_pid = os.getpid()
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = np.asarray(self.images[self.indices[i]])
+        if self.transform is not None:
+            self._seed_transform()
+            image = apply_augmentation(self.transform, np.ascontiguousarray(image), self.name)
+        return self.to_tensor(image), int(self.labels[i])
+
+
+def _check_int(name: str, value: object, minimum: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "None or an integer" if optional else "an integer"
+        raise ValueError(f"{name}={value!r}: expected {kind} >= {minimum}")
+
+
+class XRayDataModule(L.LightningDataModule):
+    """Chest X-ray data: a PneumoniaMNIST npz (`path` ends in .npz) or a Kermany folder.
+
+    After `setup()`: `class_names`, `num_classes`, `train_counts` (images per class in train),
+    `split_counts`, `class_weights` (inverse-frequency float32 tensor when `class_weighting`, else
+    None) and `skipped` (unreadable files left out with `skip_corrupt`). Loaders yield float32
+    images (B, in_channels, S, S) normalized as ((x / 255) - mean) / std and int64 labels (B,).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        image_size: int = 32,
+        num_classes: int = 2,
+        in_channels: int = 1,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        train_transform: AlbumentationsLike | None = None,
+        eval_transform: AlbumentationsLike | None = None,
+        cache_dir: str | None = None,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        skip_corrupt: bool = False,
+        download: bool = True,
+        class_weighting: bool = False,
+        train_subset: int | None = None,
+        eval_subset: int | None = None,
+        clahe: bool = False,
+        mean: float = 0.5,
+        std: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
+        _check_int("image_size", image_size, 8)
+        _check_int("batch_size", batch_size, 1)
+        _check_int("num_workers", num_workers, 0)
+        _check_int("split_seed", split_seed, 0)
+        _check_int("train_subset", train_subset, 1, optional=True)
+        _check_int("eval_subset", eval_subset, 1, optional=True)
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction={val_fraction!r}: expected a value in [0, 1)")
+        for name, tf in (("train_transform", train_transform), ("eval_transform", eval_transform)):
+            if tf is not None and not callable(tf):
+                raise ValueError(f"{name}={tf!r}: expected an albumentations Compose or None")
+        self.path = str(path)
+        self.is_npz = self.path.lower().endswith(".npz")
+        if self.is_npz and num_classes != 2:
+            raise ValueError(
+                f"num_classes={num_classes!r} with {self.path}: the npz source has 2 classes "
+                "(normal/pneumonia); 3 classes (normal/bacteria/virus) need the Kermany folder"
+            )
+        self.class_names = class_names(num_classes)
+        self.num_classes = num_classes
+        self.to_tensor = ToNormalizedTensor(mean, std, in_channels)
+        self.image_size, self.in_channels = image_size, in_channels
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.train_transform, self.eval_transform = train_transform, eval_transform
+        self.cache_dir, self.val_fraction, self.split_seed = cache_dir, val_fraction, split_seed
+        self.skip_corrupt, self.download = skip_corrupt, download
+        self.class_weighting, self.clahe = class_weighting, clahe
+        self.train_subset, self.eval_subset = train_subset, eval_subset
+
+        self.datasets: dict[str, XRayDataset] = {}
+        self.class_weights: torch.Tensor | None = None
+        self.train_counts: list[int] | None = None
+        self.split_counts: dict[str, list[int]] = {}
+        self.skipped: list[str] = []
+        self.cache: ImageCache | None = None
+        self._scanned: tuple[Path, list[ImageRecord]] | None = None
+
+    # ------------------------------------------------------------------ loading
+    def prepare_data(self) -> None:
+        """Download the npz if missing, or build the Kermany image cache (rank 0 only)."""
+        if self.is_npz:
+            ensure_npz(self.path, download=self.download)
+        else:
+            self._load_folder()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.is_npz:
+            arrays = self._load_npz()
+        else:
+            arrays = self._load_folder()
+        for split, (images, indices, labels) in arrays.items():
+            subset = self.train_subset if split == "train" else self.eval_subset
+            if subset is not None:
+                keep = stratified_subset(labels, subset, self.split_seed)
+                indices, labels = indices[keep], labels[keep]
+            if self.clahe:
+                # Deterministic, so applied once here (train and eval alike), not per item.
+                images, indices = clahe_stack(np.asarray(images[indices])), np.arange(len(labels))
+            transform = self.train_transform if split == "train" else self.eval_transform
+            self.datasets[split] = XRayDataset(
+                images, indices, labels, self.to_tensor, transform, f"{split} transform"
+            )
+            self.split_counts[split] = np.bincount(labels, minlength=self.num_classes).tolist()
+        self.train_counts = self.split_counts["train"]
+        self.class_weights = self._class_weights() if self.class_weighting else None
+        log.info(
+            "data %s at %d px: %s (classes %s)",
+            self.path,
+            self.image_size,
+            self.split_counts,
+            self.class_names,
+        )
+
+    def _load_npz(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        file = ensure_npz(self.path, download=self.download)
+        out = {}
+        for split, data in load_npz(file, self.num_classes).items():
+            images = resize_square(data.images, self.image_size)
+            out[split] = (images, np.arange(len(images)), data.labels)
+        return out
+
+    def _load_folder(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        # prepare_data() already scanned and built in this process: setup() reuses that.
+        if self._scanned is None:
+            root, records = scan_kermany(self.path, self.num_classes)
+            self.cache = build_image_cache(
+                root,
+                [r.relpath for r in records],
+                self.image_size,
+                cache_dir=self.cache_dir,
+                skip_corrupt=self.skip_corrupt,
+            )
+            self._scanned = (root, records)
+        root, records = self._scanned
+        self.skipped = sorted(self.cache.failed)
+        good = [r for r in records if r.relpath not in self.cache.failed]
+        parts = carve_val(good, self.val_fraction, self.split_seed, self.num_classes)
+        row = self.cache.index()
+        out = {}
+        for split in SPLITS:
+            if not parts[split]:
+                raise ValueError(
+                    f"{root}: the {split} split is empty after carving validation "
+                    f"(val_fraction={self.val_fraction}); expected at least one image"
+                )
+            indices = np.array([row[r.relpath] for r in parts[split]], dtype=np.int64)
+            labels = np.array([r.label for r in parts[split]], dtype=np.int64)
+            out[split] = (self.cache.images, indices, labels)
+        return out
+
+    def _class_weights(self) -> torch.Tensor:
+        counts = np.asarray(self.train_counts, dtype=np.float64)
+        if (counts == 0).any():
+            missing = [n for n, c in zip(self.class_names, counts, strict=True) if c == 0]
+            raise ValueError(
+                f"class_weighting: train split of {self.path} has no images of {missing}; "
+                "expected every class present"
+            )
+        # n / (k * n_c): weights average to 1 over training samples, as sklearn's 'balanced'.
+        return torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self.datasets:
+            raise RuntimeError(f"{split}_dataloader() called before setup(); call setup() first")
+        dataset = self.datasets[split]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            # A last training batch of one image breaks BatchNorm; drop it only in that case.
+            drop_last=shuffle and len(dataset) % self.batch_size == 1 and len(dataset) > 1,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
