@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m kd_lightning +experiment=quickstart
+	$(PY) -m kd_lightning +experiment=paper_cpu
 
 test: install
 	$(PY) -m pytest -q

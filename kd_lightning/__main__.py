@@ -13,6 +13,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import hydra  # noqa: E402
 from hydra.utils import get_method  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+from omegaconf.errors import MissingMandatoryValue  # noqa: E402
 
 from kd_lightning.conf_path import config_dir  # noqa: E402
 
@@ -24,7 +25,7 @@ warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 # Errors a user can fix from the command line: shown as one line, without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, MissingMandatoryValue)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +10,11 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
+from tests.cli import DATA_DIR
+
+# In-process runs resolve ${data_dir} from the environment, as the CLI does.
+os.environ.setdefault("KD_DATA_DIR", str(DATA_DIR))
+
 SHARED_NPZ = DATA_DIR / "pneumoniamnist.npz"
 
 
@@ -22,54 +23,3 @@ def shared_npz() -> Path:
     if not SHARED_NPZ.is_file():
         pytest.fail(f"real data missing: {SHARED_NPZ} (set KD_DATA_DIR to the folder holding it)")
     return SHARED_NPZ
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "KD_DATA_DIR": str(DATA_DIR),
-            "NO_ALBUMENTATIONS_UPDATE": "1",
-            "WANDB_SILENT": "true",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    env.pop("WANDB_API_KEY", None)
-    env.update(extra)
-    return env
-
-
-def run_cli(
-    args: list[str],
-    cwd: Path,
-    module: str = "kd_lightning",
-    timeout: float = 600,
-    check: bool = True,
-    **env: str,
-) -> subprocess.CompletedProcess[str]:
-    """Run `python -m <module> args` for real; on failure show its output."""
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=cli_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{module} {' '.join(args)} exited {proc.returncode}\n"
-            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
-        )
-    return proc
-
-
-# Tiny but real budgets for CLI runs on the shared data.
-TINY = [
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "data.batch_size=16",
-    "trainer.enable_progress_bar=false",
-]

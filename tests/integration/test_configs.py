@@ -1,0 +1,143 @@
+"""Every config composes and runs one batch: experiments, chain steps, config choices."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from kd_lightning.chain import plan_steps
+from kd_lightning.conf_path import config_dir
+from kd_lightning.run import run_stage
+
+CONF = config_dir()
+# One batch everywhere, small images: the full-scale 224 px configs run here at 32 px.
+ONE_BATCH = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=1",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.enable_progress_bar=false",
+    "data.batch_size=4",
+    "data.image_size=32",
+    "data.path=${data_dir}/pneumoniamnist.npz",
+    "logger=csv",
+]
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _task(experiment: str) -> str:
+    return str(_compose([f"+experiment={experiment}"]).task)
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+CHAIN_EXPERIMENTS = [e for e in EXPERIMENTS if _task(e).endswith("run_chain")]
+STAGE_EXPERIMENTS = [e for e in EXPERIMENTS if e not in CHAIN_EXPERIMENTS]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, shared_npz: Path) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    run_stage(_compose(["+experiment=base", *ONE_BATCH]), out_dir=out)
+    return out
+
+
+def _needs_teacher(cfg) -> bool:
+    return "teacher" in cfg.module.keys()  # `in` on a DictConfig skips ??? values
+
+
+@pytest.mark.parametrize("experiment", STAGE_EXPERIMENTS)
+def test_stage_experiment_runs_one_batch(experiment: str, teacher_dir: Path, tmp_path) -> None:
+    overrides = [f"+experiment={experiment}", *ONE_BATCH]
+    if _needs_teacher(_compose(overrides)):
+        overrides.append(f"module.teacher={teacher_dir}")
+    summary = run_stage(_compose(overrides), out_dir=tmp_path)
+    assert (tmp_path / "summary.json").is_file()
+    assert 0.0 <= summary["test"]["test/acc"] <= 1.0
+
+
+def test_stage_and_chain_experiments_are_all_covered() -> None:
+    assert {"teacher", "base", "nst_linear", "nst_poly", "nst_gaussian", "kd"} <= set(
+        STAGE_EXPERIMENTS
+    )
+    assert {"quickstart", "paper", "paper_cpu", "nst_poly_ta", "ta_size", "ta_size_cpu"} <= set(
+        CHAIN_EXPERIMENTS
+    )
+
+
+def _chain_step_configs() -> list[tuple[str, list[str], bool]]:
+    steps = []
+    for experiment in CHAIN_EXPERIMENTS:
+        for step in plan_steps(_compose([f"+experiment={experiment}", "chain.seeds=[0]"])):
+            overrides = [f"+experiment={experiment}", *step["overrides"]]
+            steps.append(
+                (f"{experiment}/{step['name']}", overrides, step["teacher_step"] is not None)
+            )
+    return steps
+
+
+CHAIN_STEPS = _chain_step_configs()
+
+
+def test_every_chain_step_composes() -> None:
+    for label, overrides, has_teacher in CHAIN_STEPS:
+        cfg = _compose([*overrides, *(["module.teacher=/x"] if has_teacher else [])])
+        assert cfg.model.arch.startswith("resnet"), label
+        assert cfg.module._target_.endswith(("ClassifierModule", "DistillModule")), label
+        assert has_teacher == cfg.module._target_.endswith("DistillModule"), label
+
+
+@functools.cache
+def _distinct_step_kinds() -> dict[tuple[str, str], tuple[str, list[str], bool]]:
+    kinds = {}
+    for label, overrides, has_teacher in CHAIN_STEPS:
+        cfg = _compose([*overrides, *(["module.teacher=/x"] if has_teacher else [])])
+        kinds.setdefault(
+            (str(cfg.model.arch), str(cfg.module._target_)), (label, overrides, has_teacher)
+        )
+    return kinds
+
+
+@pytest.mark.parametrize(
+    "kind", sorted(_distinct_step_kinds()), ids=lambda k: f"{k[0]}-{k[1].split('.')[-1]}"
+)
+def test_each_kind_of_chain_step_runs_one_batch(kind, teacher_dir: Path, tmp_path: Path) -> None:
+    label, overrides, has_teacher = _distinct_step_kinds()[kind]
+    overrides = [*overrides, *ONE_BATCH]
+    if has_teacher:
+        overrides.append(f"module.teacher={teacher_dir}")
+    summary = run_stage(_compose(overrides), out_dir=tmp_path)
+    assert summary["model"]["arch"] == kind[0], label
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        "optimizer=sgd",
+        "scheduler=none",
+        "logger=tensorboard",
+        "model=resnet34",
+        "model.stem=small",
+        "model.in_channels=3",
+        "trainer.precision=bf16-mixed",
+        "module.channels_last=true",
+    ],
+)
+def test_config_choices_run_one_batch(choice: str, tmp_path: Path, shared_npz: Path) -> None:
+    cfg = _compose(["+experiment=base", *ONE_BATCH, choice])
+    summary = run_stage(cfg, out_dir=tmp_path)
+    assert summary["test"]["test/auroc"] >= 0.0
+
+
+def test_full_scale_gpu_config_composes() -> None:
+    cfg = _compose(["+experiment=paper", "trainer=gpu"])
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.data.image_size == 224
+    assert OmegaConf.select(cfg, "chain.archs")[0] == "resnet152"
