@@ -11,6 +11,7 @@ from typing import Any
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import hydra  # noqa: E402
+from hydra.errors import InstantiationException  # noqa: E402
 from hydra.utils import get_method  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from omegaconf.errors import MissingMandatoryValue  # noqa: E402
@@ -36,10 +37,12 @@ def main(cfg: DictConfig) -> Any:
         logging.getLogger(name).handlers.clear()
     try:
         result = get_method(cfg.task)(cfg)
-    except USER_ERRORS as err:
-        if os.environ.get("KD_DEBUG"):
+    except (*USER_ERRORS, InstantiationException) as err:
+        # Hydra wraps errors raised while building objects; the user needs the original one.
+        cause = err.__cause__ if isinstance(err, InstantiationException) else err
+        if os.environ.get("KD_DEBUG") or not isinstance(cause, USER_ERRORS):
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        message = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
         print(f"kd_lightning: error: {message}", file=sys.stderr)
         sys.exit(2)
     # Sweepers (Optuna) optimize the value main returns.

@@ -56,6 +56,9 @@ def chain_steps(cfg: DictConfig) -> list[dict[str, Any]]:
         )
     for index, arch in enumerate(archs[1:], start=1):
         last = index == len(archs) - 1
+        # The previous architecture is what this hop's teacher must be: a checkpoint of another
+        # architecture is refused before training.
+        expect = f"module.teacher_model={{arch: {archs[index - 1]}}}"
         name = (
             str(cfg.chain.get("student_name") or f"{prefix}{arch}") if last else f"{prefix}{arch}"
         )
@@ -63,7 +66,7 @@ def chain_steps(cfg: DictConfig) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "teacher": str(teacher),
-                "overrides": [f"model={arch}", *hop, f"role={'student' if last else 'ta'}"],
+                "overrides": [f"model={arch}", *hop, expect, f"role={'student' if last else 'ta'}"],
             }
         )
         teacher = name
@@ -131,7 +134,8 @@ def compose_step(
         f"name={step['name']}",
     ]
     if teacher is not None:
-        overrides.append(f"module.teacher={teacher}")
+        # Quoted: run directories may hold '=' or ',' (Hydra sweep subdirs do).
+        overrides.append(f"module.teacher='{teacher}'")
     return compose(config_name="config", overrides=overrides)
 
 

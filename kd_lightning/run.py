@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from kd_lightning.launch import configure_trainer
 from kd_lightning.models.backbones import check_image_size, count_parameters
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -60,6 +61,18 @@ def check_trainer_config(trainer_cfg: DictConfig) -> None:
         )
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"data": {"image_size": 32}} -> {"data.image_size": 32}: one column per setting in W&B."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
@@ -89,6 +102,7 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
         print(f"[kd_lightning] {out_dir} already finished; reporting its {SUMMARY}")
         return finished
 
+    configure_trainer(cfg)  # precision check; parallel multirun jobs get a GPU each (launch.py)
     check_trainer_config(cfg.trainer)
     check_image_size(int(cfg.data.image_size), str(cfg.model.stem))
     L.seed_everything(int(cfg.seed), workers=True)
@@ -115,7 +129,7 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
         cfg.trainer, callbacks=[checkpoint, timer], logger=logger, default_root_dir=str(out_dir)
     )
     if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
 
     last = ckpt_dir / "last.ckpt"
     resume_from = str(last) if cfg.get("resume", True) and last.is_file() else None
@@ -127,20 +141,24 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
 
     best = checkpoint.best_model_path or str(last)
     results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-    summary = build_summary(cfg, module, results[0] if results else {}, best, out_dir)
-    summary.update(
-        {
-            "epochs": int(trainer.current_epoch),
-            "fit_seconds": round(fit_seconds, 2),
-            "seconds_per_epoch": round(sum(timer.seconds) / len(timer.seconds), 2)
-            if timer.seconds
-            else None,
-            "best_val": {cfg.checkpoint.monitor: _as_float(checkpoint.best_model_score)},
-        }
-    )
+    # DDP: only global rank 0 writes model.pt, artifacts and summary.json (ranks writing one file
+    # at once can corrupt it); the other ranks receive the same summary from rank 0.
+    summary = None
     if trainer.is_global_zero:
+        summary = build_summary(cfg, module, results[0] if results else {}, best, out_dir)
+        summary.update(
+            {
+                "epochs": int(trainer.current_epoch),
+                "fit_seconds": round(fit_seconds, 2),
+                "seconds_per_epoch": round(sum(timer.seconds) / len(timer.seconds), 2)
+                if timer.seconds
+                else None,
+                "best_val": {cfg.checkpoint.monitor: _as_float(checkpoint.best_model_score)},
+            }
+        )
         write_json_atomic(out_dir / SUMMARY, summary)
         print_summary(summary)
+    summary = trainer.strategy.broadcast(summary, src=0)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Without this, gloo processes sometimes abort at exit (platform notes: 2 of 19 runs).
         torch.distributed.destroy_process_group()

@@ -69,7 +69,8 @@ class ClassifierModule(L.LightningModule):
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: StageMetrics) -> None:
         images, targets = batch
         logits = self(images)
-        self.log(f"{metrics.stage}/loss", self.cross_entropy(logits, targets), on_epoch=True)
+        loss = self.cross_entropy(logits, targets)
+        self.log(f"{metrics.stage}/loss", loss, on_epoch=True, sync_dist=True)
         metrics.update(logits, targets)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
