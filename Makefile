@@ -7,7 +7,7 @@ KD_DATA_DIR ?= $(abspath ../shared/data)
 export KD_DATA_DIR
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-all test-slow lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m ''
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 lint: install
 	$(VENV)/bin/ruff check .
