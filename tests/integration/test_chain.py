@@ -33,6 +33,7 @@ def _chain_json(run: Path) -> dict:
     return json.loads((run / "chain.json").read_text())
 
 
+@pytest.mark.slow  # CI runs it (make test-slow); make test stays under 10 min
 def test_chain_killed_mid_step_resumes_without_repeating(tmp_path: Path, shared_npz: Path) -> None:
     run = tmp_path / "outputs" / "chain"
     args = [*CHAIN, f"hydra.run.dir={run}"]

@@ -57,6 +57,7 @@ def _logged(run: Path, key: str) -> list[float]:
     return [float(row[key]) for row in _metrics_csv(run) if row.get(key)]
 
 
+@pytest.mark.slow  # CI runs it (make test-slow); make test stays under 10 min
 def test_ddp_runs_two_ranks_and_writes_files_once(ddp_run: tuple[Path, str]) -> None:
     run, output = ddp_run
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output and "distributed_backend=gloo" in output
@@ -79,6 +80,7 @@ def test_ddp_runs_two_ranks_and_writes_files_once(ddp_run: tuple[Path, str]) -> 
         assert values and all(math.isfinite(v) for v in values), key
 
 
+@pytest.mark.slow  # CI runs it (make test-slow); make test stays under 10 min
 def test_ddp_test_metrics_cover_the_whole_split_once(ddp_run: tuple[Path, str]) -> None:
     run, _ = ddp_run
     summary = json.loads((run / "summary.json").read_text())
@@ -169,6 +171,7 @@ def test_unknown_precision_is_one_clear_error() -> None:
         configure_trainer(_compose(["trainer.precision=fp8"]))
 
 
+@pytest.mark.slow  # CI runs it (make test-slow); make test stays under 10 min
 def test_ddp_inside_a_local_multirun_is_refused(tmp_path: Path) -> None:
     proc = run_cli(
         ["-m", "+experiment=base", "trainer=ddp_cpu", "seed=0", *TINY],

@@ -95,6 +95,7 @@ def test_joblib_2x2_runs_every_cell_in_parallel_on_cpu(
         assert re.fullmatch(r"[0-3]", job.name), job.name
 
 
+@pytest.mark.slow  # CI runs it (make test-slow); make test stays under 10 min
 def test_submitit_local_2x2_matches_joblib(
     tmp_path: Path, teacher: Path, joblib_sweep: tuple[Path, str]
 ) -> None:
@@ -154,6 +155,7 @@ def test_sweep_table_lists_every_job_sorted(joblib_sweep: tuple[Path, str], tmp_
     assert len(losses) == 4 and losses == sorted(losses)
 
 
+@pytest.mark.slow  # CI runs it (make test-slow); make test stays under 10 min
 def test_optuna_three_trials_write_best_value_and_params(tmp_path: Path, teacher: Path) -> None:
     run_cli(
         ["-m", "+sweep=optuna_kd_nst", f"module.teacher={teacher}", "hydra.sweeper.n_trials=3"]
