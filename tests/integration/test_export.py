@@ -13,6 +13,7 @@ import torch
 
 from kd_lightning.data.datamodule import XRayDataModule
 from kd_lightning.distill.quant import unpack_quantized
+from kd_lightning.export import data_settings
 from kd_lightning.models.backbones import build_resnet
 from tests.cli import TINY, run_cli
 
@@ -136,3 +137,37 @@ def test_run_dir_without_a_student_is_one_line_exit_2(tmp_path: Path, layout: st
     assert len(lines) == 1 and lines[0].startswith(f"{EXPORT}: error: ")
     assert str(run_dir) in lines[0] and "summary.json" in lines[0]
     assert not (run_dir / "export").exists()
+
+
+def test_bad_teacher_is_one_line_exit_2(quant_run: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no_teacher"
+    proc = run_cli(
+        [str(quant_run), "--teacher", str(missing), "--out", str(tmp_path / "out")],
+        cwd=tmp_path,
+        module=EXPORT,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and "does not exist" in lines[0]
+
+
+def test_chain_step_takes_data_settings_from_the_chain_config(tmp_path: Path) -> None:
+    # A chain step's directory has no .hydra/ of its own; the chain's is one level up.
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(
+        "data_dir: /somewhere\n"
+        "data:\n  path: ${data_dir}/pneumoniamnist.npz\n  image_size: 64\n"
+        "  mean: 0.25\n  std: 0.3\n  in_channels: 1\n  clahe: true\n"
+    )
+    summary = {"model": {"in_channels": 1}, "data": {"path": "/data/x.npz", "image_size": 32}}
+    for step in (tmp_path / "student", tmp_path / "seed0" / "student"):  # 1 seed, several seeds
+        step.mkdir(parents=True)
+        settings = data_settings(step, summary)
+        assert settings["mean"] == 0.25 and settings["std"] == 0.3 and settings["clahe"] is True
+        # summary.json (resolved when the run trained) wins for path and image size.
+        assert settings["path"] == "/data/x.npz" and settings["image_size"] == 32
+    lone = tmp_path.parent / f"{tmp_path.name}_lone"
+    lone.mkdir()
+    assert data_settings(lone, summary)["mean"] == 0.5  # no saved config: the DataModule default
