@@ -242,12 +242,12 @@ def _report(cfg: DictConfig, chain_dir: Path) -> None:
 
 
 def _print_table(records: list[dict[str, Any]]) -> None:
-    print(f"{'step':<24}{'arch':<11}{'method':<14}{'status':<9}{'test/acc':>9}{'test/auroc':>11}")
+    print(f"{'step':<24}{'arch':<11}{'method':<19}{'status':<9}{'test/acc':>9}{'test/auroc':>11}")
     for r in records:
         test = r.get("test") or {}
         acc = "-" if test.get("test/acc") is None else f"{test['test/acc']:.4f}"
         auroc = "-" if test.get("test/auroc") is None else f"{test['test/auroc']:.4f}"
         print(
-            f"{r['dir']:<24}{r['arch'] or '-':<11}{r['method'] or '-':<14}{r['status']:<9}"
+            f"{r['dir']:<24}{r['arch'] or '-':<11}{r['method'] or '-':<19}{r['status']:<9}"
             f"{acc:>9}{auroc:>11}"
         )

@@ -15,7 +15,9 @@ RUN_DIR is a finished run (summary.json + model.pt). Written to --out (default R
   quantized-distillation run, its bit-packed `model_int.pt`; plus whether the int8 goals
   (>= 3.5x smaller, >= 1.5x faster, <= 1 point of accuracy lost) were met.
 
-Images come from the run's own data settings (.hydra/config.yaml of the run, or of the chain that
+Metrics use the whole test split (a run's eval_subset is ignored), so they can differ from the
+run's summary.json when it was tested on a subset or with limit_test_batches. Images come from
+the run's own data settings (.hydra/config.yaml of the run, or of the chain that
 ran it, and summary.json's data entry), through kd_lightning.data.datamodule.XRayDataModule.
 """
 

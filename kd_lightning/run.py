@@ -197,6 +197,10 @@ def build_summary(
             "path": str(cfg.data.path),
             "image_size": int(cfg.data.image_size),
             "num_classes": int(cfg.data.num_classes),
+            "in_channels": int(cfg.data.in_channels),
+            "mean": float(cfg.data.mean),
+            "std": float(cfg.data.std),
+            "clahe": bool(cfg.data.clahe),
         },
         "run_dir": str(out_dir.resolve()),
     }

@@ -8,6 +8,7 @@ unless `keep_teacher_in_checkpoint` (it is reloaded from its own source instead)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ class DistillModule(ClassifierModule):
         self.teacher = teacher_net.requires_grad_(False).eval()
         if channels_last:
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
-        self.teacher_source = str(teacher)
+        self.teacher_source = str(Path(teacher).resolve())
         self.pairs = [dict(pair) for pair in feature_pairs]
         if self.pairs and nst is None:
             raise ValueError(

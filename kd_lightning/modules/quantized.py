@@ -181,13 +181,8 @@ class QuantizedDistillModule(DistillModule):
     def write_artifacts(self, out_dir: Path) -> dict[str, Any]:
         """Save `model_int.pt` (bit-packed codes + per-bucket scales); return summary entries."""
         path = Path(out_dir) / MODEL_INT_FILE
-        was_training = self.model.training
-        self.model.eval()  # deterministic rounding, as the eval forward
-        try:
-            packed = pack_quantized(self.model)
-        finally:
-            self.model.train(was_training)
-        packed = _to_cpu(packed)
+        # pack_quantized rounds deterministically (as the eval forward), whatever the mode.
+        packed = _to_cpu(pack_quantized(self.model))
         torch.save(packed, path)
         return {
             "quantization": dict(self.quantization),
