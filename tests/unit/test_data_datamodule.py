@@ -178,7 +178,7 @@ def test_yaml_transforms_build_without_albumentations_warnings(config, tmp_path)
     from hydra.utils import instantiate
 
     with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
-        cfg = compose(overrides=[f"+data={config}"])
+        cfg = compose(config_name="config", overrides=[f"data={config}"])
     image = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
