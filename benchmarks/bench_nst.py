@@ -6,6 +6,10 @@ kernel of public code (run only where its largest tensor fits under --naive-max-
 Table 2, every kernel on ResNet-18 -> ResNet-152 layer1 maps at 224 px (batch 32, 64 vs 256
 channels, 56x56): time, peak memory above the inputs (CUDA allocator; on CPU the peak RSS of the
 first call in a fresh process), and the largest single tensor created (exact, by a dispatch mode).
+Table 3, the Gaussian kernel: the blocked autograd Function of kd_lightning against the same math as
+plain autograd ops on whole (B, C, C') matrices (the previous implementation), and what dropping
+the constant teacher-teacher term (teacher_term=False, the NST authors' code) saves for the
+Gaussian and polynomial kernels, on ResNet-50 -> ResNet-18 maps at 64 px.
 
     python benchmarks/bench_nst.py            # full sizes (minutes on 2 CPU cores)
     python benchmarks/bench_nst.py --quick    # reduced batch, one repetition
@@ -40,6 +44,31 @@ def naive_poly_broadcast(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         return (a.unsqueeze(1) * b.unsqueeze(2)).sum(-1).pow(2)
 
     return (k(t, t).mean((1, 2)) + k(s, s).mean((1, 2)) - 2 * k(s, t).mean((1, 2))).mean()
+
+
+def dense_gaussian(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """Gaussian NST as plain autograd ops on whole (B, C_a, C_b) matrices; same value as NSTLoss."""
+    s = F.normalize(f_s.flatten(2), dim=2, eps=1e-12)
+    t = F.normalize(f_t.detach().flatten(2), dim=2, eps=1e-12)
+    sq_s, sq_t = (s * s).sum(2), (t * t).sum(2)
+    with torch.no_grad():
+        n = s.shape[1] + t.shape[1]
+        mean_vec = (s.sum(1) + t.sum(1)) / n
+        pair_sum = 2 * n * (sq_s.sum(1) + sq_t.sum(1)) - 2 * n * n * (mean_vec**2).sum(1)
+        inv = (-0.5 / (pair_sum / (n * (n - 1))).clamp_min(1e-4)).view(-1, 1, 1)
+
+    def k(a, b, sq_a, sq_b):
+        base = sq_a.unsqueeze(2) + sq_b.unsqueeze(1)
+        d = torch.baddbmm(base, a, b.transpose(1, 2), alpha=-2.0).clamp_min(0.0)
+        return torch.exp(d * inv).mean((1, 2))
+
+    with torch.no_grad():
+        k_tt = k(t, t, sq_t, sq_t)
+    return (k(s, s, sq_s, sq_s) + k_tt - 2 * k(s, t, sq_s, sq_t)).mean()
+
+
+# (batch, C_s, C_t, H): ResNet-18 vs ResNet-50 stages at 64 px (layer4, layer3, layer1).
+TERM_SHAPES = [(128, 512, 2048, 2), (64, 256, 1024, 4), (64, 64, 256, 16)]
 
 
 def naive_largest_bytes(b: int, c_s: int, c_t: int, hw: int) -> int:
@@ -220,6 +249,33 @@ def layer1_table(shape, reps: int, device: torch.device) -> list[str]:
     return rows
 
 
+def gaussian_and_teacher_term_table(shapes, reps: int, device: torch.device) -> list[str]:
+    rows = [
+        "| maps (B, C_s, C_t, HxW) | gaussian dense autograd ms | gaussian blocked ms | "
+        "dense / blocked | gaussian, no teacher term ms | poly ms | poly, no teacher term ms "
+        "(form) | poly / no teacher term |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for b, c_s, c_t, h in shapes:
+        f_s, f_t = make_maps(b, c_s, c_t, h, device)
+        check = float(dense_gaussian(f_s, f_t)), float(NSTLoss("gaussian")(f_s, f_t))
+        if abs(check[0] - check[1]) > 1e-4 * max(1.0, abs(check[0])):
+            raise RuntimeError(f"dense and blocked Gaussian NST disagree: {check}")
+        dense = time_fwd_bwd(dense_gaussian, f_s, f_t, reps)
+        blocked = time_fwd_bwd(NSTLoss("gaussian"), f_s, f_t, reps)
+        g_drop = time_fwd_bwd(NSTLoss("gaussian", teacher_term=False), f_s, f_t, reps)
+        poly = time_fwd_bwd(NSTLoss("poly"), f_s, f_t, reps)
+        p_drop = time_fwd_bwd(NSTLoss("poly", teacher_term=False), f_s, f_t, reps)
+        form = choose_poly_form(c_s, c_t, h * h, teacher_term=False)
+        rows.append(
+            f"| {b}, {c_s}, {c_t}, {h}x{h} | {_fmt(dense)} | {_fmt(blocked)} | "
+            f"{_ratio(dense, blocked)} | {_fmt(g_drop)} | {_fmt(poly)} | {_fmt(p_drop)} "
+            f"({form}) | {_ratio(poly, p_drop)} |"
+        )
+        del f_s, f_t
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch / 8 (layer1: / 16), 1 rep")
@@ -240,8 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
 
     shapes, layer1, reps, naive_max = POLY_SHAPES, LAYER1, args.reps, args.naive_max_gb
+    term_shapes = TERM_SHAPES
     if args.quick:
         shapes = [(max(1, b // 8), cs, ct, h) for b, cs, ct, h in shapes]
+        term_shapes = [(max(1, b // 8), cs, ct, h) for b, cs, ct, h in term_shapes]
         layer1 = (max(1, LAYER1[0] // 16), *LAYER1[1:])
         reps, naive_max = 1, min(naive_max, 1.0)
 
@@ -254,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(poly_table(shapes, reps, naive_max, device)))
     print("\n## All kernels on ResNet-18 <- ResNet-152 layer1 maps (224 px)\n")
     print("\n".join(layer1_table(layer1, reps, device)))
+    print("\n## Gaussian kernel, and dropping the teacher-teacher term (ResNet-50 -> 18, 64 px)\n")
+    print("\n".join(gaussian_and_teacher_term_table(term_shapes, reps, device)))
 
 
 if __name__ == "__main__":

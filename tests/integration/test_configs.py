@@ -67,9 +67,44 @@ def test_stage_and_chain_experiments_are_all_covered() -> None:
     assert {"teacher", "base", "nst_linear", "nst_poly", "nst_gaussian", "kd"} <= set(
         STAGE_EXPERIMENTS
     )
-    assert {"quickstart", "paper", "paper_cpu", "nst_poly_ta", "ta_size", "ta_size_cpu"} <= set(
-        CHAIN_EXPERIMENTS
-    )
+    assert {
+        "quickstart",
+        "paper",
+        "paper_cpu",
+        "methods_cpu",
+        "nst_poly_ta",
+        "ta_size",
+        "ta_size_cpu",
+    } <= set(CHAIN_EXPERIMENTS)
+
+
+def test_methods_cpu_compares_methods_on_equal_terms() -> None:
+    steps = plan_steps(_compose(["+experiment=methods_cpu"]))
+    students = {}
+    for step in steps:
+        if step["name"] == "teacher":
+            continue
+        teacher = ["module.teacher=/x"] if step["teacher_step"] else []
+        cfg = _compose(["+experiment=methods_cpu", *step["overrides"], *teacher])
+        students.setdefault(step["name"], []).append(step["seed"])
+        assert cfg.model.arch == "resnet18" and cfg.data.image_size == 64, step["name"]
+        assert cfg.trainer.max_epochs == 4 and cfg.data.class_weighting, step["name"]
+        assert cfg.optimizer._target_.endswith("Adam"), step["name"]
+        if step["teacher_step"]:
+            nst_weights = [p["weight"] for p in cfg.module.feature_pairs]
+            expected = {
+                "nst_linear": ("linear", [50.0], 0.0),
+                "nst_poly": ("poly", [50.0], 0.0),
+                "nst_gaussian": ("gaussian", [50.0], 0.0),
+                "kd": ("poly", [], 16.0),
+                "nst_poly_kd": ("poly", [50.0], 16.0),
+            }[step["name"]]
+            assert (cfg.module.nst.kernel, nst_weights, cfg.module.kd_weight) == expected
+            assert step["teacher_step"] == "teacher"
+    assert students == {
+        name: [0, 1, 2]
+        for name in ("base", "nst_linear", "nst_poly", "nst_gaussian", "kd", "nst_poly_kd")
+    }
 
 
 def _chain_step_configs() -> list[tuple[str, list[str], bool]]:

@@ -250,13 +250,82 @@ def test_no_intermediate_larger_than_the_inputs(kernel, shape_s, shape_t):
     assert mode.largest <= max(f_s.numel(), f_t.numel())
 
 
-def test_gaussian_teacher_term_is_chunked():
-    # 64 x 2048 x 2048 teacher Gram = 2.7e8 elements; chunks keep it at <= 2^24 per op.
+@pytest.mark.parametrize("teacher_term", [True, False])
+def test_gaussian_kernel_matrices_exist_only_in_blocks(teacher_term):
+    # ResNet-50 -> 18 layer4 at 64 px: the kernel matrices are 64 x 2048 x 2048 = 2.7e8 (teacher)
+    # and 64 x 512 x 2048 (cross) elements; forward and backward build them a block at a time.
     f_s = torch.empty(64, 512, 2, 2, device="meta", requires_grad=True)
     f_t = torch.empty(64, 2048, 2, 2, device="meta")
     with _LargestTensor() as mode:
-        NSTLoss("gaussian")(f_s, f_t).backward()
-    assert mode.largest <= 64 * 512 * 2048
+        NSTLoss("gaussian", teacher_term=teacher_term)(f_s, f_t).backward()
+    assert mode.largest <= f_t.numel()
+
+
+TERM_CASES = [*CASES, ("poly", {"form": "channel"}), ("poly", {"form": "spatial", "c": 0.5})]
+
+
+@pytest.mark.parametrize(("kernel", "kw"), TERM_CASES)
+def test_dropping_teacher_term_subtracts_exactly_the_teacher_mean(maps, kernel, kw):
+    f_s, f_t = maps
+    full = nst_mmd2(f_s, f_t, kernel, **kw)
+    dropped = nst_mmd2(f_s, f_t, kernel, teacher_term=False, **kw)
+    sigma2 = kw.get("sigma2")
+    teacher_means = []
+    for b in range(f_t.shape[0]):
+        ts = _ref_vectors(f_t, b)
+        if kernel == "gaussian" and sigma2 is None:
+            kw_b = {"sigma2": _ref_sigma2(_ref_vectors(f_s, b), ts)}
+        else:
+            kw_b = {k: v for k, v in kw.items() if k != "form"}
+        # MMD^2(t, t') with an all-zero student set would mix terms; use the definition directly.
+        teacher_means.append(_ref_teacher_mean(ts, kernel, **kw_b))
+    torch.testing.assert_close(full - dropped, torch.tensor(teacher_means, dtype=torch.float64))
+
+
+def _ref_teacher_mean(ts, kernel, degree=2, c=0.0, sigma2=None) -> float:
+    if kernel == "linear":
+        return _ref_pair_mean(ts, ts, lambda x, y: float(x @ y))
+    if kernel == "poly":
+        return _ref_pair_mean(ts, ts, lambda x, y: (float(x @ y) + c) ** degree)
+    return _ref_pair_mean(
+        ts, ts, lambda x, y: math.exp(-float(((x - y) ** 2).sum()) / (2 * sigma2))
+    )
+
+
+@pytest.mark.parametrize(("kernel", "kw"), TERM_CASES)
+def test_dropping_teacher_term_keeps_the_gradient(kernel, kw):
+    g = torch.Generator().manual_seed(9)
+    f_t = torch.rand(3, 12, 4, 4, generator=g, dtype=torch.float64)
+    grads = []
+    for teacher_term in (True, False):
+        f_s = torch.rand(
+            3,
+            5,
+            4,
+            4,
+            generator=torch.Generator().manual_seed(8),
+            dtype=torch.float64,
+            requires_grad=True,
+        )
+        NSTLoss(kernel, teacher_term=teacher_term, **kw)(f_s, f_t).backward()
+        grads.append(f_s.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-14)
+
+
+def test_gaussian_gradcheck_without_teacher_term():
+    g = torch.Generator().manual_seed(10)
+    f_s = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    f_t = torch.randn(2, 6, 2, 2, generator=g, dtype=torch.float64)
+    loss = NSTLoss("gaussian", sigma2=0.6, teacher_term=False)
+    assert torch.autograd.gradcheck(lambda s: loss(s, f_t), (f_s,))
+
+
+def test_choose_poly_form_without_teacher_term():
+    # ResNet-50 layer1 at 64 px: a tie with the teacher Gram; without it channel is 4x cheaper.
+    assert choose_poly_form(64, 256, 16 * 16) == "spatial"
+    assert choose_poly_form(64, 256, 16 * 16, teacher_term=False) == "channel"
+    assert choose_poly_form(512, 2048, 2 * 2, teacher_term=False) == "spatial"
 
 
 def test_layer1_224px_runs_quickly():
@@ -281,6 +350,7 @@ def test_layer1_224px_runs_quickly():
         (("poly",), {"degree": 3, "form": "spatial"}, "needs degree=2"),
         (("poly",), {"degree": 0}, "degree must be an integer >= 1, got 0"),
         (("gaussian",), {"sigma2": 0.0}, "sigma2 must be None or a number > 0, got 0.0"),
+        (("poly",), {"teacher_term": "no"}, "teacher_term must be true or false, got 'no'"),
     ],
 )
 def test_bad_options_raise(args, kwargs, match):
