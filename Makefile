@@ -39,10 +39,11 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# BENCH_ARGS=--quick: reduced sizes, a few minutes (what the slow test runs).
 bench: install
-	$(PY) benchmarks/bench_data.py
-	$(PY) benchmarks/bench_nst.py
-	$(PY) benchmarks/bench_distill.py
+	$(PY) benchmarks/bench_data.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_nst.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_distill.py $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

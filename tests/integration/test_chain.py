@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from tests.cli import cli_env, run_cli
+from tests.cli import TINY, cli_env, run_cli
 
 CHAIN = [
     "+experiment=nst_poly_ta",
@@ -156,3 +156,25 @@ def test_wandb_offline_run_carries_group_job_type_and_tags(tmp_path: Path, share
     assert {"method=base", "arch=resnet18", "seed=0"} <= set(run_record["tags"])
     assert '"data.image_size"' in records  # the flattened config
     assert '"test/auroc"' in records
+
+
+@pytest.mark.slow  # seven real stages (a ResNet-50 teacher and six students), ~2 min
+def test_methods_cpu_runs_every_method_from_the_cli(tmp_path: Path, shared_npz: Path) -> None:
+    run = tmp_path / "methods"
+    args = ["+experiment=methods_cpu", "chain.seeds=[0]", "data.image_size=32", *TINY]
+    run_cli([*args, f"hydra.run.dir={run}"], cwd=tmp_path)
+    methods = ("base", "nst_linear", "nst_poly", "nst_gaussian", "kd", "nst_poly_kd")
+    steps = {s["name"]: s for s in _chain_json(run)["steps"]}
+    assert set(steps) == {"teacher", *methods}
+    assert all(s["status"] == "done" for s in steps.values())
+    results = (run / "results.md").read_text()
+    for method in methods:
+        assert f"| {method} | resnet18 | 1 | 0 |" in results
+        summary = json.loads((run / method / "summary.json").read_text())
+        assert 0.0 <= summary["test"]["test/auroc"] <= 1.0
+        assert summary["method"] == method
+    # Each method trained with its own loss terms, logged separately.
+    logged = {m: (run / m / "logs" / "metrics.csv").read_text().splitlines()[0] for m in methods}
+    assert "train/nst_layer4" in logged["nst_gaussian"] and "train/kd" not in logged["nst_gaussian"]
+    assert "train/kd" in logged["kd"] and "train/nst_layer4" not in logged["kd"]
+    assert "train/kd" in logged["nst_poly_kd"] and "train/nst_layer4" in logged["nst_poly_kd"]
