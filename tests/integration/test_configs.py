@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kd_lightning.chain import plan_steps
@@ -177,3 +179,14 @@ def test_full_scale_gpu_config_composes() -> None:
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
     assert cfg.data.image_size == 224
     assert OmegaConf.select(cfg, "chain.archs")[0] == "resnet152"
+
+
+def test_nst_options_reach_the_loss() -> None:
+    cfg = _compose(
+        ["+experiment=nst_gaussian", "module.teacher=/x", "module.nst.teacher_term=false"]
+    )
+    loss = instantiate(cfg.module.nst)
+    assert (loss.kernel, loss.teacher_term, loss.sigma2) == ("gaussian", False, None)
+    bad = _compose(["+experiment=nst_poly", "module.teacher=/x", "module.nst.teacher_term=maybe"])
+    with pytest.raises(InstantiationException, match="teacher_term must be true or false"):
+        instantiate(bad.module.nst)
