@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kd_lightning.distill import NSTLoss, choose_poly_form
+from kd_lightning.distill.losses import _default_sigma2
 
 # (batch, C_s, C_t, H) with H = W, as in platform-notes.
 POLY_SHAPES = [(64, 512, 2048, 2), (32, 64, 256, 16), (8, 64, 256, 56), (32, 256, 1024, 14)]
@@ -51,11 +52,8 @@ def dense_gaussian(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     s = F.normalize(f_s.flatten(2), dim=2, eps=1e-12)
     t = F.normalize(f_t.detach().flatten(2), dim=2, eps=1e-12)
     sq_s, sq_t = (s * s).sum(2), (t * t).sum(2)
-    with torch.no_grad():
-        n = s.shape[1] + t.shape[1]
-        mean_vec = (s.sum(1) + t.sum(1)) / n
-        pair_sum = 2 * n * (sq_s.sum(1) + sq_t.sum(1)) - 2 * n * n * (mean_vec**2).sum(1)
-        inv = (-0.5 / (pair_sum / (n * (n - 1))).clamp_min(1e-4)).view(-1, 1, 1)
+    # The same bandwidth as NSTLoss: only the kernel evaluation is under test here.
+    inv = (-0.5 / _default_sigma2(s, t)).view(-1, 1, 1)
 
     def k(a, b, sq_a, sq_b):
         base = sq_a.unsqueeze(2) + sq_b.unsqueeze(1)
