@@ -20,9 +20,8 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lightning.run import read_summary, run_dir, run_stage, write_json_atomic
-
-CHAIN_FILE = "chain.json"
+from kd_lightning.artifacts import CHAIN_FILE, has_predictions, read_summary, write_json_atomic
+from kd_lightning.run import run_dir, run_stage
 
 
 def chain_steps(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -148,9 +147,13 @@ def run_chain(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     for step, record in zip(planned, records, strict=True):
         step_dir = chain_dir / step["dir"]
-        if record["status"] == "done" and read_summary(step_dir) is not None:
-            continue
         teacher = _teacher_dir(planned, step, chain_dir)
+        done = read_summary(step_dir) if record["status"] == "done" else None
+        if done is not None:
+            if not has_predictions(step_dir) or "statistics" not in done:
+                # Finished before runs wrote predictions: run_stage adds them, trains nothing.
+                run_stage(compose_step(step, teacher, base_overrides), out_dir=step_dir)
+            continue
         step_cfg = compose_step(step, teacher, base_overrides)
         record.update(
             {
@@ -238,7 +241,13 @@ def _report(cfg: DictConfig, chain_dir: Path) -> None:
         return
     from kd_lightning import report
 
-    report.write_report(report.collect_runs([chain_dir]), chain_dir)
+    evaluation = OmegaConf.to_container(cfg.get("evaluation") or {}, resolve=True)
+    report.write_report(
+        report.collect_runs([chain_dir]),
+        chain_dir,
+        notes=report.unfinished_chain_steps([chain_dir]),
+        evaluation=evaluation,
+    )
 
 
 def _print_table(records: list[dict[str, Any]]) -> None:

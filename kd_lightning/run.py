@@ -4,7 +4,6 @@ checkpoint, and write `summary.json` into the run directory."""
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import time
 from pathlib import Path
@@ -17,12 +16,24 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from kd_lightning.artifacts import (
+    CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
+    MODEL_FILE,
+    RUN_CONFIG_FILE,
+    SUMMARY_FILE,
+    has_predictions,
+    read_summary,
+    summary_path,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from kd_lightning.launch import configure_trainer
 from kd_lightning.models.backbones import check_image_size, count_parameters
+from kd_lightning.predict import write_run_predictions
+from kd_lightning.report.statistics import run_statistics
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-SUMMARY = "summary.json"
 
 
 class EpochTimer(Callback):
@@ -77,20 +88,63 @@ def run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def read_summary(out_dir: Path) -> dict[str, Any] | None:
-    path = out_dir / SUMMARY
-    if not path.is_file():
-        return None
+def save_run_config(cfg: DictConfig, out_dir: Path) -> None:
+    """run_config.yaml: what this run was built from (a chain step has no .hydra/ of its own)."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); move it away to rerun") from err
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:  # an interpolation that needs Hydra's runtime: keep it unresolved
+        text = OmegaConf.to_yaml(cfg)
+    write_bytes_atomic(out_dir / RUN_CONFIG_FILE, text.encode())
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+def check_evaluation_config(evaluation: DictConfig | None) -> None:
+    """The per-run statistics' settings, refused before training when out of range."""
+    evaluation = evaluation or {}
+    target = evaluation.get("target_sensitivity", 0.95)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise ValueError(
+            f"evaluation.target_sensitivity={target!r}: expected a number in (0, 1], e.g. 0.95"
+        )
+    for key, minimum in (("bootstrap_resamples", 200), ("calibration_bins", 2)):
+        value = evaluation.get(key, minimum)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"evaluation.{key}={value!r}: expected an integer >= {minimum}")
+
+
+def evaluate_predictions(cfg: DictConfig, predictions: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's `statistics`: intervals, validation-chosen operating points, calibration."""
+    evaluation = cfg.get("evaluation") or {}
+    (val_labels, val_logits), (test_labels, test_logits) = predictions["val"], predictions["test"]
+    return run_statistics(
+        val_labels,
+        val_logits,
+        test_labels,
+        test_logits,
+        target_sensitivity=float(evaluation.get("target_sensitivity", 0.95)),
+        n_resamples=int(evaluation.get("bootstrap_resamples", 2000)),
+        seed=int(evaluation.get("bootstrap_seed", 0)),
+        n_bins=int(evaluation.get("calibration_bins", 15)),
+    )
+
+
+def backfill_predictions(cfg: DictConfig, out_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """A run finished before predictions existed: write them from its model.pt (the best
+    checkpoint's network) and add the statistics to summary.json; nothing else changes."""
+    from kd_lightning.models.loading import load_run_network
+
+    print(f"[kd_lightning] {out_dir}: writing per-image predictions of its {MODEL_FILE}")
+    if not (out_dir / RUN_CONFIG_FILE).is_file():
+        save_run_config(cfg, out_dir)
+    net, _ = load_run_network(out_dir, summary)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    summary = {
+        **summary,
+        "statistics": evaluate_predictions(cfg, write_run_predictions(net, datamodule, out_dir)),
+    }
+    write_json_atomic(summary_path(out_dir), summary)
+    return summary
 
 
 def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
@@ -99,12 +153,16 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     finished = read_summary(out_dir)
     if finished is not None:
-        print(f"[kd_lightning] {out_dir} already finished; reporting its {SUMMARY}")
+        print(f"[kd_lightning] {out_dir} already finished; reporting its {SUMMARY_FILE}")
+        if not has_predictions(out_dir) or "statistics" not in finished:
+            finished = backfill_predictions(cfg, out_dir, finished)
         return finished
 
     configure_trainer(cfg)  # precision check; parallel multirun jobs get a GPU each (launch.py)
     check_trainer_config(cfg.trainer)
     check_image_size(int(cfg.data.image_size), str(cfg.model.stem))
+    check_evaluation_config(cfg.get("evaluation"))
+    save_run_config(cfg, out_dir)
     L.seed_everything(int(cfg.seed), workers=True)
 
     datamodule = instantiate(cfg.data)
@@ -115,7 +173,7 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
         cfg.module, class_weights=weights.tolist() if weights is not None else None
     )
 
-    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir = out_dir / CHECKPOINT_DIR
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
         filename="best-{epoch:03d}",
@@ -131,7 +189,7 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     if logger:
         logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
 
-    last = ckpt_dir / "last.ckpt"
+    last = ckpt_dir / LAST_CHECKPOINT
     resume_from = str(last) if cfg.get("resume", True) and last.is_file() else None
     if resume_from:
         print(f"[kd_lightning] resuming {out_dir} from {last}")
@@ -146,6 +204,10 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     summary = None
     if trainer.is_global_zero:
         summary = build_summary(cfg, module, results[0] if results else {}, best, out_dir)
+        # The best checkpoint's weights are in `module` after trainer.test.
+        summary["statistics"] = evaluate_predictions(
+            cfg, write_run_predictions(module, datamodule, out_dir)
+        )
         summary.update(
             {
                 "epochs": int(trainer.current_epoch),
@@ -156,13 +218,26 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
                 "best_val": {cfg.checkpoint.monitor: _as_float(checkpoint.best_model_score)},
             }
         )
-        write_json_atomic(out_dir / SUMMARY, summary)
+        write_json_atomic(summary_path(out_dir), summary)
         print_summary(summary)
+        log_statistics(logger, summary["statistics"])
     summary = trainer.strategy.broadcast(summary, src=0)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Without this, gloo processes sometimes abort at exit (platform notes: 2 of 19 runs).
         torch.distributed.destroy_process_group()
     return summary
+
+
+def log_statistics(logger: Any, stats: dict[str, Any]) -> None:
+    """W&B: the statistics as summary metrics of the run (`stats/...` keys)."""
+    if type(logger).__name__ != "WandbLogger":
+        return
+    flat = {
+        f"stats/{k}": v
+        for k, v in flatten(stats).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    logger.experiment.summary.update(flat)
 
 
 def build_summary(
@@ -172,7 +247,7 @@ def build_summary(
     best_checkpoint: str,
     out_dir: Path,
 ) -> dict[str, Any]:
-    model_file = out_dir / "model.pt"
+    model_file = out_dir / MODEL_FILE
     # The student alone, weights of the best checkpoint: what a user deploys, and what "size" means.
     torch.save(module.deployable_state_dict(), model_file)
     artifacts = module.write_artifacts(out_dir)
@@ -218,3 +293,35 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"[kd_lightning] {summary['name']} ({summary['model']['arch']}, "
         f"{summary['parameters'] / 1e6:.1f}M params): {metrics}"
     )
+    for line in statistics_lines(summary.get("statistics")):
+        print(f"[kd_lightning]   {line}")
+
+
+def statistics_lines(stats: dict[str, Any] | None) -> list[str]:
+    """The per-run statistics as a few readable lines (percent, 95% intervals)."""
+    if not stats:
+        return []
+
+    def ci(item: dict[str, float]) -> str:
+        return f"{100 * item['value']:.2f} [{100 * item['low']:.2f}, {100 * item['high']:.2f}]"
+
+    test = stats["test"]
+    lines = [
+        f"test AUROC {ci(test['auroc'])} (95% {test['method']}, {test['n_resamples']} resamples)"
+    ]
+    for name, threshold in stats["thresholds"].items():
+        point = test[name]
+        lines.append(
+            f"threshold {name} = {threshold:.4f} "
+            f"({'fixed' if name == '0.5' else 'from validation'})"
+            f": ACC {ci(point['acc'])}  "
+            f"sens {ci(point['sensitivity'])}  spec {ci(point['specificity'])}  "
+            f"F1 {ci(point['f1'])}"
+        )
+    cal = stats["calibration"]
+    lines.append(
+        f"calibration ({cal['n_bins']} bins): ECE {100 * cal['ece']:.2f}%  Brier "
+        f"{cal['brier']:.4f}; after temperature T={cal['temperature']:.3f} fitted on "
+        f"validation: ECE {100 * cal['ece_scaled']:.2f}%  Brier {cal['brier_scaled']:.4f}"
+    )
+    return lines

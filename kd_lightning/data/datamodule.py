@@ -145,6 +145,11 @@ class XRayDataModule(L.LightningDataModule):
         self.class_weights: torch.Tensor | None = None
         self.train_counts: list[int] | None = None
         self.split_counts: dict[str, list[int]] = {}
+        # Per split: each item's row in its source split, and its file for folder data (what
+        # the per-image predictions record, so they can be traced back to an image).
+        self.sample_index: dict[str, np.ndarray] = {}
+        self.sample_files: dict[str, list[str] | None] = {}
+        self._split_files: dict[str, list[str]] = {}
         self.skipped: list[str] = []
         self.cache: ImageCache | None = None
         self._scanned: tuple[Path, list[ImageRecord]] | None = None
@@ -166,9 +171,14 @@ class XRayDataModule(L.LightningDataModule):
             arrays = self._load_folder()
         for split, (images, indices, labels) in arrays.items():
             subset = self.train_subset if split == "train" else self.eval_subset
+            files = self._split_files.get(split)
             if subset is not None:
                 keep = stratified_subset(labels, subset, self.split_seed)
                 indices, labels = indices[keep], labels[keep]
+                files = [files[i] for i in keep] if files is not None else None
+            # npz: the row in the split's arrays; folders: the position in the split's sorted list.
+            self.sample_index[split] = indices.copy() if files is None else np.arange(len(labels))
+            self.sample_files[split] = files
             if self.clahe:
                 # Deterministic, so applied once here (train and eval alike), not per item.
                 images, indices = clahe_stack(np.asarray(images[indices])), np.arange(len(labels))
@@ -221,6 +231,7 @@ class XRayDataModule(L.LightningDataModule):
                 )
             indices = np.array([row[r.relpath] for r in parts[split]], dtype=np.int64)
             labels = np.array([r.label for r in parts[split]], dtype=np.int64)
+            self._split_files[split] = [r.relpath for r in parts[split]]
             out[split] = (self.cache.images, indices, labels)
         return out
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from kd_lightning.artifacts import read_predictions
+from kd_lightning.report import statistics as st
 from tests.cli import TINY, run_cli
 
 
@@ -64,6 +67,58 @@ def test_rerun_reports_and_overwrites_nothing(base_run: Path) -> None:
     assert (summary.read_bytes(), summary.stat().st_mtime_ns) == before
 
 
+def test_predictions_are_the_best_checkpoints_and_match_the_summary(
+    base_run: Path, shared_npz: Path
+) -> None:
+    summary = json.loads((base_run / "summary.json").read_text())
+    val, test = read_predictions(base_run, "val"), read_predictions(base_run, "test")
+    archive = np.load(shared_npz)
+    # Every test image once, in the npz's order, with its own label.
+    assert test.index.tolist() == list(range(624))
+    assert (test.label == archive["test_labels"].ravel()).all()
+    assert (val.label == archive["val_labels"].ravel()).all() and len(val.label) == 524
+    assert np.allclose(test.probs.sum(axis=1), 1.0, atol=1e-6)
+    # The file holds what trainer.test measured on the best checkpoint (torchmetrics, float32).
+    assert abs(st.auroc(test.label, test.probs[:, 1]) - summary["test"]["test/auroc"]) < 1e-5
+    at_half = st.threshold_metrics(test.label, test.probs[:, 1], 0.5)
+    for key in ("acc", "sensitivity", "specificity", "f1"):
+        assert abs(at_half[key] - summary["test"][f"test/{key}"]) < 1e-6, key
+    # summary.json's statistics are recomputable from the files alone.
+    again = st.run_statistics(val.label, val.logits, test.label, test.logits)
+    assert again == summary["statistics"]
+    auroc = summary["statistics"]["test"]["auroc"]
+    assert auroc["low"] < auroc["value"] < auroc["high"]
+    assert summary["statistics"]["test"]["n_resamples"] == 2000
+
+
+def test_metrics_equal_medmnist_evaluator(base_run: Path, shared_npz: Path) -> None:
+    from medmnist import Evaluator
+
+    test = read_predictions(base_run, "test")
+    auc, acc = Evaluator("pneumoniamnist", "test", root=str(shared_npz.parent)).evaluate(test.probs)
+    assert abs(st.auroc(test.label, test.probs[:, 1]) - auc) < 1e-6
+    assert abs(st.threshold_metrics(test.label, test.probs[:, 1], 0.5)["acc"] - acc) < 1e-6
+    assert abs(st.medmnist_auc(test.label, test.probs) - auc) < 1e-6
+    assert abs(st.medmnist_acc(test.label, test.probs) - acc) < 1e-6
+
+
+def test_rerun_writes_missing_predictions_without_training(base_run: Path, tmp_path: Path) -> None:
+    """A run finished before predictions existed gets them from its model.pt on rerun."""
+    old = tmp_path / "old_run"
+    shutil.copytree(base_run, old)
+    original = (old / "predictions" / "test.csv").read_bytes()
+    shutil.rmtree(old / "predictions")
+    summary = json.loads((old / "summary.json").read_text())
+    statistics = summary.pop("statistics")
+    (old / "summary.json").write_text(json.dumps(summary))
+    checkpoints = {p: p.stat().st_mtime_ns for p in (old / "checkpoints").iterdir()}
+    proc = run_cli(["+experiment=base", *TINY, f"hydra.run.dir={old}"], cwd=tmp_path)
+    assert "writing per-image predictions of its model.pt" in proc.stdout
+    assert (old / "predictions" / "test.csv").read_bytes() == original
+    assert json.loads((old / "summary.json").read_text())["statistics"] == statistics
+    assert {p: p.stat().st_mtime_ns for p in (old / "checkpoints").iterdir()} == checkpoints
+
+
 def _bad_npz(tmp_path: Path) -> Path:
     path = tmp_path / "bad.npz"
     np.savez(path, train_images=np.zeros((4, 28, 28), np.uint8))
@@ -85,6 +140,11 @@ def _bad_npz(tmp_path: Path) -> Path:
             ["+experiment=nst_poly", "module.teacher=/no/teacher"],
             "teacher /no/teacher does not exist",
         ),
+        (
+            ["evaluation.target_sensitivity=1.5"],
+            "evaluation.target_sensitivity=1.5: expected a number in (0, 1]",
+        ),
+        (["evaluation.bootstrap_resamples=10"], "evaluation.bootstrap_resamples=10: expected an"),
     ],
 )
 def test_bad_input_is_one_clear_line(

@@ -261,7 +261,11 @@ def test_results_markdown(study: tuple[Path, dict[str, Path]]) -> None:
     md = outputs["results.md"].read_text()
     assert md.startswith("# Study results")
     assert "ACC = (TP+TN)/(TP+TN+FP+FN)" in md
-    assert "| nst_poly_ta | resnet18 | 3 | 0 1 2 | 92.00 ± 2.65 | 96.00 ± 1.00 |" in md
+    # mean ± std [Student-t 95% interval over the 3 seeds: mean ± 4.303 std / sqrt(3)]
+    assert (
+        "| nst_poly_ta | resnet18 | 3 | 0 1 2 | 92.00 ± 2.65 [85.43, 98.57] | "
+        "96.00 ± 1.00 [93.52, 98.48] | 97.00 ± 2.65 [90.43, 100.00] |" in md
+    )
     assert "| teacher | teacher | supervised | resnet152 | 1 | 98.67 ± — | 99.50 ± — |" in md
     # Paired table: nst_poly gains +6 pp ACC on every seed, +1 pp AUROC on average.
     assert "| nst_poly | resnet18 | 3 | +6.00 ± 0.00 | +1.00 ± 3.46 | +0.50 | 1/3 |" in md

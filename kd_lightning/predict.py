@@ -1,0 +1,60 @@
+"""Per-image predictions of a trained network on validation and test: the source of every
+statistic the project reports (kd_lightning.report.statistics reads them back, torch-free).
+
+Computed in float32 with the network in eval mode and a plain (non-distributed) loader over the
+whole split, so the file is the same under DDP, whatever the number of processes; a bf16-mixed
+run's test metrics in summary.json come from autocast and may differ in the last digits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kd_lightning.artifacts import PREDICTION_SPLITS, write_predictions
+
+
+@torch.no_grad()
+def split_logits(
+    forward: nn.Module, loader: torch.utils.data.DataLoader, after_batch: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, K) float32, labels (N,)) of `forward` over `loader`, in loader order."""
+    logits, labels = [], []
+    device = next(forward.parameters()).device
+    for images, targets in loader:
+        logits.append(forward(images.to(device)).float().cpu())
+        labels.append(targets.cpu())
+        if after_batch is not None:
+            after_batch()
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def write_run_predictions(module: nn.Module, datamodule: Any, out_dir: Path) -> dict[str, Any]:
+    """Write predictions/val.csv and predictions/test.csv for `module` (its current weights:
+    the best checkpoint's after trainer.test). Returns {split: (labels, logits)}."""
+    was_training = module.training
+    module.eval()
+    # A distillation module's hooks capture the student's maps during any forward.
+    clear = getattr(module, "clear_features", None)
+    out: dict[str, Any] = {}
+    try:
+        for split in PREDICTION_SPLITS:
+            loader = getattr(datamodule, f"{split}_dataloader")()
+            logits, labels = split_logits(module, loader, clear)
+            write_predictions(
+                out_dir,
+                split,
+                datamodule.sample_index[split],
+                labels,
+                logits,
+                datamodule.sample_files.get(split),
+            )
+            # Statistics in float64 from the float32 logits, as when read back from the file.
+            out[split] = (labels, logits.astype(np.float64))
+    finally:
+        module.train(was_training)
+    return out

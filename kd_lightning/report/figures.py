@@ -1,0 +1,233 @@
+"""The study's pictures, rendered through matplotlib's Agg canvas without pyplot."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kd_lightning.report.aggregate import student_rows
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+CURVE_PANELS = (("val/loss", "Validation loss"), ("val/acc", "Validation accuracy"))
+
+
+def png_bytes(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=150)
+    return buffer.getvalue()
+
+
+def curves_figure(runs: Sequence[dict[str, Any]]) -> Figure:
+    """The paper's Figures 3 and 4 side by side: validation loss and accuracy per epoch, one
+    line per student method (mean over seeds) with a shaded min-max band across seeds."""
+    # A bare Figure renders through Agg without pyplot: no display, no global figure registry,
+    # and no backend switch inside a caller's process (chain.py calls write_report in-process).
+    import matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    rows = student_rows(runs)
+    with_config = any(r["config"] for r in rows)
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    axes = figure.subplots(1, 2)
+    figure.suptitle("Student methods: mean over seeds, shaded band = min-max over seeds")
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, row in enumerate(rows):
+        label = row["method"] + (f" [{row['config']}]" if with_config and row["config"] else "")
+        if len({r["arch"] for r in rows}) > 1:
+            label += f" ({row['arch']})"
+        color = colors[index % len(colors)]
+        for ax, (key, _) in zip(axes, CURVE_PANELS, strict=True):
+            series = [run["curves"].get(key, {}) for run in row["runs"]]
+            epochs = sorted(set().union(*series))
+            if not epochs:
+                continue
+            values = [[s[e] for s in series if e in s] for e in epochs]
+            mean = [float(np.mean(v)) for v in values]
+            ax.plot(epochs, mean, color=color, label=f"{label} (n={row['n']})", marker=".")
+            if row["n"] > 1:
+                lows, highs = [min(v) for v in values], [max(v) for v in values]
+                ax.fill_between(epochs, lows, highs, color=color, alpha=0.18, linewidth=0)
+    for ax, (key, title) in zip(axes, CURVE_PANELS, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, f"no {key} in logs/metrics.csv", ha="center", transform=ax.transAxes)
+    return figure
+
+
+# ------------------------------------------------------------------------------------------------
+# From per-image predictions (rows whose runs carry `predictions` and `stats`, see trust.py)
+
+
+def _with_predictions(rows: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], list]]:
+    out = []
+    for row in rows:
+        runs = [r for r in row["runs"] if r.get("predictions")]
+        if runs:
+            out.append((row, runs))
+    return out
+
+
+def _label(row: dict[str, Any], n: int) -> str:
+    config = f" [{row['config']}]" if row.get("config") else ""
+    return f"{row['method']}{config} (n={n})"
+
+
+def roc_curve_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1), predicting score > t."""
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores, positive = scores[order], labels[order] != 0
+    # One point per distinct score: the last index of each run of tied scores.
+    last = np.r_[np.nonzero(np.diff(sorted_scores))[0], len(scores) - 1]
+    tp, fp = np.cumsum(positive)[last], np.cumsum(~positive)[last]
+    return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
+
+
+def roc_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+    """Test ROC per method: TPR averaged over seeds on a common FPR grid (vertical averaging),
+    with each seed's validation-chosen operating points (Youden's J: circle, target sensitivity:
+    square) placed at their test FPR/TPR, averaged over seeds."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.5, 6), layout="constrained")
+    ax = figure.subplots()
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    grid = np.linspace(0.0, 1.0, 201)
+    for index, (row, runs) in enumerate(_with_predictions(rows)):
+        color = colors[index % len(colors)]
+        tprs = []
+        for run in runs:
+            test = run["predictions"]["test"]
+            fpr, tpr = roc_curve_points(test.label, test.positive_score)
+            tprs.append(np.interp(grid, fpr, tpr))
+        auroc = np.mean([r["stats"]["test"]["auroc"]["value"] for r in runs])
+        ax.plot(
+            grid,
+            np.mean(tprs, axis=0),
+            color=color,
+            label=f"{_label(row, len(runs))} AUROC {100 * auroc:.2f}",
+        )
+        for name, marker in (("youden", "o"), (_sens_key(runs[0]), "s")):
+            if name is None:
+                continue
+            points = [r["stats"]["test"][name] for r in runs]
+            x = np.mean([1 - p["specificity"]["value"] for p in points])
+            y = np.mean([p["sensitivity"]["value"] for p in points])
+            ax.plot(
+                [x],
+                [y],
+                marker=marker,
+                color=color,
+                markersize=8,
+                linestyle="none",
+                markeredgecolor="black",
+            )
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_title(
+        "Test ROC, mean over seeds\n● Youden, ■ target sensitivity (thresholds chosen on val)",
+        fontsize=10,
+    )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8, loc="lower right")
+    return figure
+
+
+def _sens_key(run: dict[str, Any]) -> str | None:
+    return next((k for k in run["stats"]["thresholds"] if k.startswith("sens")), None)
+
+
+def _panels(n: int, width: float = 3.4) -> tuple[Figure, list]:
+    from matplotlib.figure import Figure
+
+    cols = max(1, min(4, n))
+    rows = (n + cols - 1) // cols
+    figure = Figure(figsize=(width * cols, width * rows + 0.6), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, cols, squeeze=False)).ravel().tolist()
+    for ax in axes[n:]:
+        ax.remove()
+    return figure, axes[:n]
+
+
+def calibration_figure(rows: Sequence[dict[str, Any]], n_bins: int = 15) -> Figure:
+    """Reliability diagram per method: accuracy against mean confidence (top-label) in
+    `n_bins` equal-width bins, test predictions pooled over seeds; marker area ~ bin count."""
+    from kd_lightning.report.statistics import reliability
+
+    items = _with_predictions(rows)
+    figure, axes = _panels(max(1, len(items)))
+    figure.suptitle(f"Reliability on test ({n_bins} equal-width confidence bins, seeds pooled)")
+    for ax, (row, runs) in zip(axes, items, strict=False):
+        labels = np.concatenate([r["predictions"]["test"].label for r in runs])
+        probs = np.concatenate([r["predictions"]["test"].probs for r in runs])
+        bins = reliability(labels, probs, n_bins=n_bins)
+        count = np.asarray(bins["count"], dtype=float)
+        keep = count > 0
+        conf, acc = np.asarray(bins["confidence"])[keep], np.asarray(bins["accuracy"])[keep]
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        ax.plot(conf, acc, color="C0", linewidth=1)
+        ax.scatter(conf, acc, s=10 + 200 * count[keep] / count.sum(), color="C0", zorder=3)
+        ece = np.mean([r["stats"]["calibration"]["ece"] for r in runs])
+        ax.set_title(f"{_label(row, len(runs))}\nECE {100 * ece:.1f}%", fontsize=9)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    if not items:
+        axes[0].text(0.5, 0.5, "no predictions files", ha="center", transform=axes[0].transAxes)
+    return figure
+
+
+def confusion_figure(rows: Sequence[dict[str, Any]], threshold: str = "youden") -> Figure:
+    """Test confusion matrix per method at the validation-chosen `threshold`, counts averaged
+    over seeds (rows: true class, columns: predicted; pneumonia = score > threshold)."""
+    items = _with_predictions(rows)
+    figure, axes = _panels(max(1, len(items)), width=3.0)
+    figure.suptitle(
+        f"Test confusion at the {threshold} threshold chosen on validation, mean over seeds"
+    )
+    names = ("normal", "pneumonia")
+    for ax, (row, runs) in zip(axes, items, strict=False):
+        matrices = []
+        for run in runs:
+            test = run["predictions"]["test"]
+            truth = (test.label != 0).astype(int)
+            pred = (test.positive_score > run["stats"]["thresholds"][threshold]).astype(int)
+            matrices.append(np.bincount(2 * truth + pred, minlength=4).reshape(2, 2))
+        mean = np.mean(matrices, axis=0)
+        ax.imshow(mean, cmap="Blues", vmin=0)
+        for i in range(2):
+            for j in range(2):
+                ax.text(
+                    j,
+                    i,
+                    f"{mean[i, j]:.1f}",
+                    ha="center",
+                    va="center",
+                    color="white" if mean[i, j] > mean.max() / 2 else "black",
+                )
+        ax.set_xticks([0, 1], names)
+        ax.set_yticks([0, 1], names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(_label(row, len(runs)), fontsize=9)
+    if not items:
+        axes[0].text(0.5, 0.5, "no predictions files", ha="center", transform=axes[0].transAxes)
+    return figure

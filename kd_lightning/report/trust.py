@@ -1,0 +1,244 @@
+"""The study's statistics from per-image predictions: per-run intervals and operating points,
+per-method summaries over seeds, and every method paired against Base on the same test images.
+
+Tests used (all in kd_lightning.report.statistics, whose docstrings state their assumptions):
+- per run: stratified percentile bootstrap (2000 resamples) for AUROC and for ACC, sensitivity,
+  specificity and F1 at 0.5 and at the thresholds chosen on validation (Youden's J, and the
+  target sensitivity);
+- per method over seeds: mean, sample std and a Student-t 95% interval (seeds are replicates of
+  training; with one seed the run's bootstrap interval is shown instead);
+- per seed against Base: DeLong's test for the AUROC difference (paired, same images: it uses
+  the correlation between the two models' scores, which a bootstrap of each model alone
+  ignores) and McNemar's exact test for the ACC difference at the Youden threshold (each model
+  at its own validation-chosen threshold), with a paired-bootstrap 95% interval;
+- across seeds: a one-sample t-test of the per-seed differences against 0 (the question "does
+  the method beat Base over training randomness, on this test set"); with one seed, the
+  per-seed test. Holm's step-down correction over the methods compared to Base gives the
+  verdict: better / not distinguishable / worse at 5%.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kd_lightning.artifacts import ArtifactError, Predictions, has_predictions, read_predictions
+from kd_lightning.report import statistics as st
+from kd_lightning.report.reading import ReportError
+
+THRESHOLD_TITLES = {"0.5": "0.5", "youden": "Youden (val)"}
+# The metrics a method is summarized by over seeds: (key in flat stats, title).
+PERCENT = ("auroc", "acc", "sensitivity", "specificity", "f1")
+
+
+def attach_predictions(runs: Sequence[dict[str, Any]], evaluation: dict[str, Any]) -> list[str]:
+    """Add `predictions` ({"val", "test"}) and `stats` (run_statistics) to each run that has
+    predictions files; returns notes for the runs that have none."""
+    notes = []
+    missing = []
+    for run in runs:
+        run_dir = Path(run["dir"])
+        if not has_predictions(run_dir):
+            run["predictions"], run["stats"] = None, None
+            missing.append(run_dir)
+            continue
+        try:
+            val, test = read_predictions(run_dir, "val"), read_predictions(run_dir, "test")
+        except ArtifactError as err:
+            raise ReportError(str(err)) from err
+        run["predictions"] = {"val": val, "test": test}
+        run["stats"] = st.run_statistics(
+            val.label,
+            val.logits,
+            test.label,
+            test.logits,
+            target_sensitivity=float(evaluation.get("target_sensitivity", 0.95)),
+            n_resamples=int(evaluation.get("bootstrap_resamples", 2000)),
+            seed=int(evaluation.get("bootstrap_seed", 0)),
+            n_bins=int(evaluation.get("calibration_bins", 15)),
+        )
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        notes.append(
+            f"{len(missing)} run(s) have no predictions/ files ({shown}): no intervals, operating "
+            "points or paired tests for them; rerun the study's command to write them (it "
+            "trains nothing for finished runs)"
+        )
+    return notes
+
+
+def threshold_names(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The thresholds of the runs' statistics, 0.5 first: ["0.5", "youden", "sens95"]."""
+    for run in runs:
+        if run.get("stats"):
+            return list(run["stats"]["thresholds"])
+    return []
+
+
+def threshold_title(name: str) -> str:
+    if name in THRESHOLD_TITLES:
+        return THRESHOLD_TITLES[name]
+    if name.startswith("sens"):
+        return f"sensitivity {name[4:]}% (val)"
+    return name
+
+
+def flat_stats(stats: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{"auroc": {value, low, high}, "youden/acc": {...}, "ece": {value}, ...} of one run."""
+    test = stats["test"]
+    flat = {"auroc": test["auroc"]}
+    for name in stats["thresholds"]:
+        for metric, interval in test[name].items():
+            flat[f"{name}/{metric}"] = interval
+    for key in ("ece", "brier", "temperature", "ece_scaled", "brier_scaled"):
+        flat[key] = {"value": stats["calibration"][key]}
+    return flat
+
+
+def method_summary(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per statistic of a study row: t_interval over the seeds' values; with one run, that run's
+    bootstrap interval (`low`/`high`) and `interval: bootstrap`."""
+    runs = [r for r in row["runs"] if r.get("stats")]
+    if not runs:
+        return {}
+    flats = [flat_stats(r["stats"]) for r in runs]
+    out = {}
+    for key in flats[0]:
+        values = [f[key]["value"] for f in flats if key in f]
+        summary = st.t_interval(values)
+        summary["interval"] = "t over seeds"
+        if summary.get("low") is not None:
+            # Proportions, ECE and Brier live in [0, 1], a temperature above 0: the t interval
+            # is clipped to where the quantity can be.
+            high = summary["high"] if key == "temperature" else min(1.0, summary["high"])
+            summary.update(low=max(0.0, summary["low"]), high=high)
+        if len(values) == 1 and "low" in flats[0][key]:
+            summary.update(low=flats[0][key]["low"], high=flats[0][key]["high"])
+            summary["interval"] = "bootstrap over images"
+        out[key] = summary
+    return out
+
+
+def _same_images(a: Predictions, b: Predictions) -> bool:
+    return (
+        a.label.shape == b.label.shape
+        and bool((a.label == b.label).all())
+        and bool((a.index == b.index).all())
+    )
+
+
+def paired_against_base(
+    rows: Sequence[dict[str, Any]], evaluation: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each student row against the Base row of its architecture (or the only Base row), seed by
+    seed on the same test images, then across seeds, with Holm over the methods compared."""
+    notes: list[str] = []
+    bases = [r for r in rows if r["method"] == "base"]
+    n_resamples = int(evaluation.get("bootstrap_resamples", 2000))
+    seed = int(evaluation.get("bootstrap_seed", 0))
+    results = []
+    for row in rows:
+        if row["method"] == "base" or not bases:
+            continue
+        candidates = [b for b in bases if b["arch"] == row["arch"]] or bases
+        if len(candidates) != 1:
+            continue  # several Base configurations: no single reference
+        base = candidates[0]
+        base_by_seed = {r["seed"]: r for r in base["runs"] if r.get("stats")}
+        per_seed = []
+        for run in sorted((r for r in row["runs"] if r.get("stats")), key=lambda r: str(r["seed"])):
+            ref = base_by_seed.get(run["seed"])
+            if ref is None:
+                continue
+            ours, theirs = run["predictions"]["test"], ref["predictions"]["test"]
+            if not _same_images(ours, theirs):
+                notes.append(
+                    f"{row['method']} seed {run['seed']} and base were tested on different "
+                    "images (index or labels differ): not paired"
+                )
+                continue
+            per_seed.append(_paired_seed(run, ref, n_resamples, seed))
+        if not per_seed:
+            continue
+        results.append(
+            {
+                "method": row["method"],
+                "config": row.get("config", ""),
+                "arch": row["arch"],
+                "seeds": per_seed,
+                "auroc": _combined([p["auroc"] for p in per_seed]),
+                "acc": _combined([p["acc"] for p in per_seed]),
+            }
+        )
+    for metric in ("auroc", "acc"):
+        adjusted = st.holm([r[metric]["p"] for r in results])
+        for result, p_adj in zip(results, adjusted, strict=True):
+            result[metric]["p_holm"] = p_adj
+            result[metric]["verdict"] = (
+                st.verdict(result[metric]["mean"], p_adj) if p_adj is not None else "—"
+            )
+    return results, notes
+
+
+def _paired_seed(
+    run: dict[str, Any], ref: dict[str, Any], n_resamples: int, seed: int
+) -> dict[str, Any]:
+    ours, theirs = run["predictions"]["test"], ref["predictions"]["test"]
+    labels = (ours.label != 0).astype(np.int64)
+    delong = st.delong_test(labels, ours.positive_score, theirs.positive_score)
+    t_ours = run["stats"]["thresholds"]["youden"]
+    t_theirs = ref["stats"]["thresholds"]["youden"]
+    pred_ours = (ours.positive_score > t_ours).astype(np.int64)
+    pred_theirs = (theirs.positive_score > t_theirs).astype(np.int64)
+    mcnemar = st.mcnemar_test(labels, pred_ours, pred_theirs)
+    boot = st.paired_bootstrap_accuracy(
+        labels, pred_ours, pred_theirs, n_resamples=n_resamples, seed=seed
+    )
+    return {
+        "seed": run["seed"],
+        "auroc": {
+            "diff": delong["diff"],
+            "low": delong["low"],
+            "high": delong["high"],
+            "p": delong["p"],
+            "test": "DeLong",
+        },
+        "acc": {
+            "diff": mcnemar["diff"],
+            "low": boot["low"],
+            "high": boot["high"],
+            "p": mcnemar["p"],
+            "test": "McNemar exact (paired-bootstrap interval)",
+        },
+    }
+
+
+def _combined(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    diffs = [p["diff"] for p in per_seed]
+    if len(diffs) >= 2:
+        test = st.seed_test(diffs)
+        interval = st.t_interval(diffs)
+        return {
+            "n": test["n"],
+            "mean": test["mean"],
+            "std": test["std"],
+            "low": interval["low"],
+            "high": interval["high"],
+            "wins": test["wins"],
+            "p": test["p"],
+            "test": "t-test over seeds",
+        }
+    only = per_seed[0]
+    return {
+        "n": 1,
+        "mean": only["diff"],
+        "std": None,
+        "low": only["low"],
+        "high": only["high"],
+        "wins": int(only["diff"] > 0),
+        "p": only["p"],
+        "test": only["test"] + " (one seed)",
+    }
