@@ -25,7 +25,8 @@ def split_logits(
     """(logits (N, K) float32, labels (N,)) of `forward` over `loader`, in loader order."""
     logits, labels = [], []
     device = next(forward.parameters()).device
-    for images, targets in loader:
+    for batch in loader:
+        images, targets = batch[0], batch[1]  # loaders may also yield sample indices
         logits.append(forward(images.to(device)).float().cpu())
         labels.append(targets.cpu())
         if after_batch is not None:

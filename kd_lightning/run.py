@@ -4,6 +4,7 @@ checkpoint, and write `summary.json` into the run directory."""
 from __future__ import annotations
 
 import inspect
+import io
 import os
 import time
 from pathlib import Path
@@ -220,7 +221,7 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
         )
         write_json_atomic(summary_path(out_dir), summary)
         print_summary(summary)
-        log_statistics(logger, summary["statistics"])
+        log_statistics(logger, summary, out_dir)
     summary = trainer.strategy.broadcast(summary, src=0)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Without this, gloo processes sometimes abort at exit (platform notes: 2 of 19 runs).
@@ -228,16 +229,33 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     return summary
 
 
-def log_statistics(logger: Any, stats: dict[str, Any]) -> None:
-    """W&B: the statistics as summary metrics of the run (`stats/...` keys)."""
+def log_statistics(logger: Any, summary: dict[str, Any], out_dir: Path) -> None:
+    """W&B: the statistics as summary metrics of the run (`stats/...` keys) and this run's ROC,
+    reliability diagram and confusion matrix (from its predictions files) as images."""
     if type(logger).__name__ != "WandbLogger":
         return
+    from PIL import Image
+
+    from kd_lightning.report import figures, trust
+
+    stats = summary["statistics"]
     flat = {
         f"stats/{k}": v
         for k, v in flatten(stats).items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
     logger.experiment.summary.update(flat)
+    run = {"dir": out_dir, "seed": summary["seed"]}
+    trust.attach_predictions([run], {})
+    run["stats"] = stats  # the run's own settings (attach_predictions used the defaults)
+    row = {"method": summary["name"], "config": "", "runs": [run]}
+    for key, figure in (
+        ("roc", figures.roc_figure([row])),
+        ("calibration", figures.calibration_figure([row], n_bins=stats["calibration"]["n_bins"])),
+        ("confusion", figures.confusion_figure([row])),
+    ):
+        image = Image.open(io.BytesIO(figures.png_bytes(figure)))
+        logger.log_image(key=f"stats/{key}", images=[image])
 
 
 def build_summary(

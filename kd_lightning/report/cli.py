@@ -14,7 +14,7 @@ from kd_lightning.report.tables import write_report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="python -m kd_lightning.report",
         description="Rebuild study results (results.md/.csv, teachers.csv, curves.png) or a "
         "multirun sweep table (--sweep) from finished run directories.",
@@ -69,6 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in paths.values():
         print(path)
     return 0
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (no usage block), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"kd_lightning.report: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _fraction(text: str) -> float:

@@ -156,6 +156,12 @@ def test_wandb_offline_run_carries_group_job_type_and_tags(tmp_path: Path, share
     assert {"method=base", "arch=resnet18", "seed=0"} <= set(run_record["tags"])
     assert '"data.image_size"' in records  # the flattened config
     assert '"test/auroc"' in records
+    # The trust layer's numbers are summary metrics, its pictures images of the run.
+    summary = json.loads((run / "summary.json").read_text())
+    assert '"stats/test.auroc.low"' in records and '"stats/calibration.temperature"' in records
+    assert f"{summary['statistics']['test']['auroc']['low']}" in records
+    media = {p.parent.name for p in (offline[0] / "files" / "media" / "images").rglob("*.png")}
+    assert media == {"stats"} and len(list(offline[0].glob("files/media/images/stats/*.png"))) == 3
 
 
 @pytest.mark.slow  # seven real stages (a ResNet-50 teacher and six students), ~2 min
