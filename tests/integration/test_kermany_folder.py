@@ -178,3 +178,26 @@ def test_missing_folder_points_to_the_release(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*mendeley") as info:
         XRayDataModule(str(tmp_path / "nowhere")).setup()
     assert str(tmp_path / "nowhere") in str(info.value)
+
+
+def test_predictions_name_each_file_and_three_class_statistics(folder, cache_dir, tmp_path):
+    from kd_lightning.artifacts import read_predictions
+    from kd_lightning.models.backbones import build_resnet
+    from kd_lightning.predict import write_run_predictions
+    from kd_lightning.report.statistics import run_statistics
+
+    dm = XRayDataModule(
+        str(folder), image_size=64, num_classes=3, batch_size=4, cache_dir=str(cache_dir),
+        val_fraction=0.2,
+    )  # fmt: skip
+    dm.setup()
+    torch.manual_seed(0)
+    written = write_run_predictions(build_resnet("resnet18", num_classes=3), dm, tmp_path)
+    test = read_predictions(tmp_path, "test")
+    assert list(test.files) == _relpaths(dm, "test")  # each row names its image file
+    assert test.label.tolist() == dm.datasets["test"].labels.tolist()
+    assert test.logits.shape == (10, 3) and np.allclose(test.logits, written["test"][1])
+    val = read_predictions(tmp_path, "val")
+    stats = run_statistics(val.label, val.logits, test.label, test.logits, n_resamples=200)
+    assert set(stats["multiclass"]) >= {"acc", "auroc_macro"}
+    assert 0.0 <= stats["multiclass"]["acc"]["value"] <= 1.0
