@@ -72,38 +72,73 @@ def chain_steps(cfg: DictConfig) -> list[dict[str, Any]]:
     return steps
 
 
+def _axis_values(cfg: DictConfig) -> list[dict[str, tuple[str, Any]]]:
+    """`chain.axes` ({axis name: {key: config key, values: [...]}}) as one {name: (key, value)}
+    per combination, in order; [{}] without axes. Every non-shared step runs once per
+    combination (e.g. `chain.axes.labeled_fraction.values=[0.03,1.0]` on the command line)."""
+    raw = cfg.chain.get("axes")
+    axes = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else raw or {}
+    if not isinstance(axes, dict):
+        raise ValueError(f"chain.axes={axes!r}: expected {{name: {{key: ..., values: [...]}}}}")
+    combos: list[dict[str, tuple[str, Any]]] = [{}]
+    for name, axis in axes.items():
+        values = axis.get("values") if isinstance(axis, dict) else None
+        if not isinstance(axis, dict) or not axis.get("key") or not isinstance(values, list):
+            raise ValueError(
+                f"chain.axes.{name}={axis!r}: expected {{key: <config key>, values: [...]}}"
+            )
+        if not values:
+            raise ValueError(f"chain.axes.{name}.values is empty; expected at least one value")
+        combos = [{**c, str(name): (str(axis["key"]), v)} for c in combos for v in values]
+    return combos
+
+
+def _axis_suffix(combo: dict[str, tuple[str, Any]]) -> str:
+    return ",".join(f"{name}={value}" for name, (_, value) in combo.items())
+
+
 def plan_steps(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Expand the chain's steps over `chain.seeds`; `shared: true` steps (teachers) run once."""
+    """Expand the chain's steps over `chain.seeds` and `chain.axes`; `shared: true` steps
+    (teachers) run once."""
     seeds = [int(s) for s in cfg.chain.get("seeds", [cfg.seed])]
     steps = chain_steps(cfg)
     names = [str(step["name"]) for step in steps]
     if len(set(names)) != len(names):
         raise ValueError(f"chain steps have repeated names {names}; expected unique step names")
+    shared_names = {str(s["name"]) for s in steps if s.get("shared", False)}
     planned: list[dict[str, Any]] = []
     for seed in seeds:
-        for step in steps:
-            shared = bool(step.get("shared", False))
-            if shared and seed != seeds[0]:
-                continue
-            teacher = step.get("teacher")
-            if teacher is not None and str(teacher) not in names:
-                if not Path(str(teacher)).exists():
-                    raise ValueError(
-                        f"chain step {step['name']!r}: teacher {teacher!r} is neither a step "
-                        f"({names}) nor an existing path"
-                    )
-            planned.append(
-                {
-                    "name": str(step["name"]),
-                    "seed": seeds[0] if shared else seed,
-                    "shared": shared,
-                    "teacher_step": str(teacher) if teacher is not None else None,
-                    "overrides": [str(o) for o in step.get("overrides", [])],
-                    "dir": step["name"]
-                    if shared or len(seeds) == 1
-                    else f"seed{seed}/{step['name']}",
-                }
-            )
+        for combo in _axis_values(cfg):
+            suffix = _axis_suffix(combo)
+            for step in steps:
+                shared = bool(step.get("shared", False))
+                if shared and (seed != seeds[0] or combo != _axis_values(cfg)[0]):
+                    continue
+                teacher = step.get("teacher")
+                if teacher is not None and str(teacher) not in names:
+                    if not Path(str(teacher)).exists():
+                        raise ValueError(
+                            f"chain step {step['name']!r}: teacher {teacher!r} is neither a step "
+                            f"({names}) nor an existing path"
+                        )
+                variant = {} if shared else combo
+                name = str(step["name"])
+                if teacher is not None and str(teacher) in names and teacher not in shared_names:
+                    teacher = f"{teacher}[{suffix}]" if suffix else str(teacher)
+                label = f"{name}[{suffix}]" if suffix and not shared else name
+                folder = name if not variant else f"{name}/{suffix.replace('=', '_')}"
+                planned.append(
+                    {
+                        "name": label,
+                        "seed": seeds[0] if shared else seed,
+                        "shared": shared,
+                        "teacher_step": str(teacher) if teacher is not None else None,
+                        "overrides": [str(o) for o in step.get("overrides", [])]
+                        + [f"{key}={value}" for key, value in variant.values()],
+                        "variant": {name: value for name, (_, value) in variant.items()},
+                        "dir": folder if shared or len(seeds) == 1 else f"seed{seed}/{folder}",
+                    }
+                )
     return planned
 
 
@@ -130,8 +165,10 @@ def compose_step(
         *step["overrides"],
         *base_overrides,
         f"seed={step['seed']}",
-        f"name={step['name']}",
+        f"name={step['name'].split('[', 1)[0]}",
     ]
+    # The config's `variant: {}` is a struct: each axis value is added with ++.
+    overrides += [f"++variant.{key}={value}" for key, value in (step.get("variant") or {}).items()]
     if teacher is not None:
         # Quoted: run directories may hold '=' or ',' (Hydra sweep subdirs do).
         overrides.append(f"module.teacher='{teacher}'")
@@ -241,7 +278,7 @@ def _report(cfg: DictConfig, chain_dir: Path) -> None:
         return
     from kd_lightning import report
 
-    evaluation = OmegaConf.to_container(cfg.get("evaluation") or {}, resolve=True)
+    evaluation = dict(cfg.get("evaluation") or {})
     report.write_report(
         report.collect_runs([chain_dir]),
         chain_dir,

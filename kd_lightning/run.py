@@ -205,6 +205,9 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     summary = None
     if trainer.is_global_zero:
         summary = build_summary(cfg, module, results[0] if results else {}, best, out_dir)
+        summary["data"]["labeled_fraction"] = float(datamodule.labeled_fraction)
+        summary["data"]["labeled_counts"] = datamodule.labeled_counts
+        summary["data"]["train_counts"] = datamodule.train_counts
         # The best checkpoint's weights are in `module` after trainer.test.
         summary["statistics"] = evaluate_predictions(
             cfg, write_run_predictions(module, datamodule, out_dir)
@@ -275,6 +278,7 @@ def build_summary(
         "method": cfg.method,
         "role": cfg.role,
         "seed": int(cfg.seed),
+        "variant": dict(cfg.get("variant") or {}),
         "model": {
             **OmegaConf.to_container(cfg.model, resolve=True),
             "num_classes": module.hparams.num_classes,

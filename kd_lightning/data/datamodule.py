@@ -32,6 +32,10 @@ from kd_lightning.data.transforms import (
 
 log = logging.getLogger(__name__)
 
+# The target of a training image whose label is hidden (data.labeled_fraction < 1): PyTorch's
+# cross_entropy default ignore_index, so plain CE skips it without special code.
+IGNORE_LABEL = -100
+
 
 class XRayDataset(Dataset):
     """Rows `indices` of a uint8 (N, S, S) array (in memory or memory-mapped) with their labels."""
@@ -109,6 +113,8 @@ class XRayDataModule(L.LightningDataModule):
         clahe: bool = False,
         mean: float = 0.5,
         std: float = 0.5,
+        labeled_fraction: float = 1.0,
+        labeled_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
@@ -118,6 +124,16 @@ class XRayDataModule(L.LightningDataModule):
         _check_int("split_seed", split_seed, 0)
         _check_int("train_subset", train_subset, 1, optional=True)
         _check_int("eval_subset", eval_subset, 1, optional=True)
+        if (
+            isinstance(labeled_fraction, bool)
+            or not isinstance(labeled_fraction, (int, float))
+            or not 0.0 < labeled_fraction <= 1.0
+        ):
+            raise ValueError(
+                f"data.labeled_fraction={labeled_fraction!r}: expected a number in (0, 1] "
+                "(the fraction of training images that keep their label)"
+            )
+        _check_int("labeled_seed", labeled_seed, 0)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction!r}: expected a value in [0, 1)")
         for name, tf in (("train_transform", train_transform), ("eval_transform", eval_transform)):
@@ -140,6 +156,8 @@ class XRayDataModule(L.LightningDataModule):
         self.skip_corrupt, self.download = skip_corrupt, download
         self.class_weighting, self.clahe = class_weighting, clahe
         self.train_subset, self.eval_subset = train_subset, eval_subset
+        self.labeled_fraction, self.labeled_seed = float(labeled_fraction), labeled_seed
+        self.labeled_counts: list[int] | None = None
 
         self.datasets: dict[str, XRayDataset] = {}
         self.class_weights: torch.Tensor | None = None
@@ -182,12 +200,16 @@ class XRayDataModule(L.LightningDataModule):
             if self.clahe:
                 # Deterministic, so applied once here (train and eval alike), not per item.
                 images, indices = clahe_stack(np.asarray(images[indices])), np.arange(len(labels))
+            self.split_counts[split] = np.bincount(labels, minlength=self.num_classes).tolist()
+            if split == "train":
+                labels = self._hide_labels(labels)
             transform = self.train_transform if split == "train" else self.eval_transform
             self.datasets[split] = XRayDataset(
                 images, indices, labels, self.to_tensor, transform, f"{split} transform"
             )
-            self.split_counts[split] = np.bincount(labels, minlength=self.num_classes).tolist()
         self.train_counts = self.split_counts["train"]
+        if self.labeled_fraction >= 1.0:
+            self.labeled_counts = self.train_counts
         self.class_weights = self._class_weights() if self.class_weighting else None
         log.info(
             "data %s at %d px: %s (classes %s)",
@@ -235,8 +257,29 @@ class XRayDataModule(L.LightningDataModule):
             out[split] = (self.cache.images, indices, labels)
         return out
 
+    def _hide_labels(self, labels: np.ndarray) -> np.ndarray:
+        """Label-scarce training: a stratified, seeded `labeled_fraction` of the training images
+        keeps its label; the others get IGNORE_LABEL, which cross-entropy skips while every
+        distillation term still sees the image. split_counts keep the true counts."""
+        if self.labeled_fraction >= 1.0:
+            return labels
+        n_classes = int(np.count_nonzero(np.bincount(labels, minlength=self.num_classes)))
+        n_labeled = int(np.floor(self.labeled_fraction * len(labels)))
+        if n_labeled < n_classes:
+            raise ValueError(
+                f"data.labeled_fraction={self.labeled_fraction!r} keeps {n_labeled} of "
+                f"{len(labels)} training images, leaving a class without a labelled image; the "
+                f"smallest valid value is {n_classes / len(labels):.6g} (one image per class)"
+            )
+        keep = stratified_subset(labels, n_labeled, self.labeled_seed)
+        hidden = np.full_like(labels, IGNORE_LABEL)
+        hidden[keep] = labels[keep]
+        self.labeled_counts = np.bincount(labels[keep], minlength=self.num_classes).tolist()
+        return hidden
+
     def _class_weights(self) -> torch.Tensor:
-        counts = np.asarray(self.train_counts, dtype=np.float64)
+        # Cross-entropy sees only the labelled images: weigh by their counts.
+        counts = np.asarray(self.labeled_counts, dtype=np.float64)
         if (counts == 0).any():
             missing = [n for n, c in zip(self.class_names, counts, strict=True) if c == 0]
             raise ValueError(

@@ -56,6 +56,12 @@ class ClassifierModule(L.LightningModule):
         return self.model(images)
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Weighted CE over the labelled images of the batch; images whose label is hidden
+        (target -100, data.labeled_fraction < 1) are skipped. A batch with no labelled image
+        gives 0 (not the 0/0 NaN of F.cross_entropy), connected to the graph."""
+        labelled = targets != -100
+        if not bool(labelled.any()):
+            return logits.float().sum() * 0.0
         return F.cross_entropy(logits.float(), targets, weight=self.class_weights)
 
     def training_step(

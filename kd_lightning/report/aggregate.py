@@ -53,8 +53,11 @@ def _variants(students: Sequence[dict[str, Any]]) -> dict[int, str]:
         by_method.setdefault(run["method"], []).append(run)
     variants = {}
     for runs in by_method.values():
+        # A study's axis values (summary.json's variant, set by chain.axes) count as overrides.
         sets = [
-            {o for o in run["overrides"] if _override_key(o) not in REPLICATE_KEYS} for run in runs
+            {o for o in run["overrides"] if _override_key(o) not in REPLICATE_KEYS}
+            | {f"{k}={v}" for k, v in (run["summary"].get("variant") or {}).items()}
+            for run in runs
         ]
         common = set.intersection(*sets)
         for run, own in zip(runs, sets, strict=True):
@@ -143,8 +146,7 @@ def paired_differences(
     for row in rows:
         if row["method"] == "base" or not bases:
             continue
-        same_arch = [b for b in bases if b["arch"] == row["arch"]]
-        candidates = same_arch or bases
+        candidates = base_candidates(row, bases)
         if len(candidates) != 1:
             continue  # several base configurations: no single reference to pair with
         base = candidates[0]
@@ -163,6 +165,14 @@ def paired_differences(
         if result["pairs"] >= 2:
             out.append(result)
     return out
+
+
+def base_candidates(row: dict[str, Any], bases: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Base rows a row is compared with: same architecture and configuration (e.g. the
+    same label fraction), else same architecture, else every Base row."""
+    same_arch = [b for b in bases if b["arch"] == row["arch"]]
+    same_config = [b for b in same_arch if b["config"] == row["config"]]
+    return same_config or same_arch or list(bases)
 
 
 def _by_seed(runs: Sequence[dict[str, Any]], metric: str) -> dict[Any, float]:

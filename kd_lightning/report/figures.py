@@ -231,3 +231,79 @@ def confusion_figure(rows: Sequence[dict[str, Any]], threshold: str = "youden") 
     if not items:
         axes[0].text(0.5, 0.5, "no predictions files", ha="center", transform=axes[0].transAxes)
     return figure
+
+
+# Figure file of a study axis (chain.axes); others are named after the axis.
+AXIS_FIGURES = {"labeled_fraction": "scarce.png"}
+
+
+def axis_values(row: dict[str, Any], axis: str) -> Any:
+    """The row's value on a study axis (summary.json's variant), or None."""
+    return (row["runs"][0]["summary"].get("variant") or {}).get(axis)
+
+
+def study_axes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Axes on which the rows take more than one value (e.g. labeled_fraction)."""
+    found: dict[str, set] = {}
+    for row in rows:
+        for key, value in (row["runs"][0]["summary"].get("variant") or {}).items():
+            found.setdefault(key, set()).add(value)
+    return [key for key, values in found.items() if len(values) > 1]
+
+
+def axis_figure(rows: Sequence[dict[str, Any]], axis: str) -> Figure:
+    """Test AUROC and test ACC at the validation-chosen Youden threshold against a study axis
+    (log x for label fractions), one line per method: mean over seeds with a Student-t 95%
+    band (clipped to [0, 1])."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from kd_lightning.report.statistics import t_interval
+
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    axes = figure.subplots(1, 2)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    panels = (("auroc", "test AUROC"), ("youden/acc", "test ACC at the Youden threshold (val)"))
+    for index, method in enumerate(methods):
+        points = sorted(
+            (float(axis_values(r, axis)), r)
+            for r in rows
+            if r["method"] == method and axis_values(r, axis) is not None
+        )
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            xs, means, lows, highs = [], [], [], []
+            for x, row in points:
+                values = [_stat(run, key) for run in row["runs"] if run.get("stats")]
+                if not values:
+                    continue
+                interval = t_interval(values)
+                xs.append(x)
+                means.append(interval["mean"])
+                lows.append(max(0.0, interval["low"] if interval["low"] is not None else values[0]))
+                highs.append(
+                    min(1.0, interval["high"] if interval["high"] is not None else values[0])
+                )
+            if not xs:
+                continue
+            color = colors[index % len(colors)]
+            n = min(len(r["runs"]) for _, r in points)
+            ax.plot(xs, means, marker="o", color=color, label=f"{method} (n>={n})")
+            ax.fill_between(xs, lows, highs, color=color, alpha=0.15, linewidth=0)
+    for ax, (_, title) in zip(axes, panels, strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel(axis.replace("_", " "))
+        ax.set_title(title)
+        ax.grid(alpha=0.3, which="both")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    figure.suptitle(f"Test metrics against {axis}: mean over seeds, band = 95% t interval")
+    return figure
+
+
+def _stat(run: dict[str, Any], key: str) -> float:
+    test = run["stats"]["test"]
+    if key == "auroc":
+        return float(test["auroc"]["value"])
+    name, metric = key.split("/")
+    return float(test[name][metric]["value"])

@@ -12,15 +12,23 @@ from typing import Any
 from kd_lightning.artifacts import write_bytes_atomic
 from kd_lightning.report.aggregate import METRICS, paired_differences, student_rows, teacher_rows
 from kd_lightning.report.figures import (
+    AXIS_FIGURES,
+    axis_figure,
     calibration_figure,
     confusion_figure,
     curves_figure,
     png_bytes,
     roc_figure,
+    study_axes,
 )
 from kd_lightning.report.reading import ReportError
 from kd_lightning.report.trust import attach_predictions, paired_against_base, threshold_names
-from kd_lightning.report.trust_tables import paired_csv_rows, trust_csv_columns, trust_markdown
+from kd_lightning.report.trust_tables import (
+    axis_markdown,
+    paired_csv_rows,
+    trust_csv_columns,
+    trust_markdown,
+)
 
 METRIC_TITLES = {
     "acc": "ACC",
@@ -177,6 +185,10 @@ def write_report(
         ):
             paths[name] = out / name
             write_bytes_atomic(paths[name], png_bytes(figure))
+        for axis in study_axes(students):
+            name = AXIS_FIGURES.get(axis, f"{axis}.png")
+            paths[name] = out / name
+            write_bytes_atomic(paths[name], png_bytes(axis_figure(students, axis)))
 
     all_notes = [*notes, *_duplicate_notes(students + teachers)]
     md = _results_markdown(runs, students, teachers, paired, metric, all_notes, trusted)
@@ -251,6 +263,9 @@ def _results_markdown(
         lines.append("No teacher or TA runs found.")
     trust = trust_markdown(students, teachers, trusted, threshold_names(runs), _md_table)
     if trust:
+        for axis in study_axes(students):
+            name = AXIS_FIGURES.get(axis, f"{axis}.png")
+            trust += axis_markdown(trusted, axis, name, _md_table)
         lines += trust
     else:  # no predictions files (runs written before them): seed-level differences only
         lines += ["", "## Paired differences against base (same seed)", ""]

@@ -27,6 +27,7 @@ import numpy as np
 
 from kd_lightning.artifacts import ArtifactError, Predictions, has_predictions, read_predictions
 from kd_lightning.report import statistics as st
+from kd_lightning.report.aggregate import base_candidates
 from kd_lightning.report.reading import ReportError
 
 THRESHOLD_TITLES = {"0.5": "0.5", "youden": "Youden (val)"}
@@ -143,7 +144,7 @@ def paired_against_base(
     for row in rows:
         if row["method"] == "base" or not bases:
             continue
-        candidates = [b for b in bases if b["arch"] == row["arch"]] or bases
+        candidates = base_candidates(row, bases)
         if len(candidates) != 1:
             continue  # several Base configurations: no single reference
         base = candidates[0]
@@ -168,6 +169,7 @@ def paired_against_base(
                 "method": row["method"],
                 "config": row.get("config", ""),
                 "arch": row["arch"],
+                "variant": row["runs"][0]["summary"].get("variant") or {},
                 "seeds": per_seed,
                 "auroc": _combined([p["auroc"] for p in per_seed]),
                 "acc": _combined([p["acc"] for p in per_seed]),

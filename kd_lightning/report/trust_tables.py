@@ -258,3 +258,39 @@ def trust_csv_columns(row: dict[str, Any]) -> dict[str, Any]:
         for part in ("mean", "std", "low", "high"):
             out[f"{base}_{part}"] = summary.get(part)
     return out
+
+
+def axis_markdown(
+    paired: Sequence[dict[str, Any]], axis: str, figure_name: str, md_table: Any
+) -> list[str]:
+    """One table per metric: methods x axis values, each cell the across-seed paired verdict
+    against Base at that value (mean Δ in points, Holm-adjusted p)."""
+    values = sorted({r["variant"].get(axis) for r in paired if axis in r["variant"]}, key=float)
+    methods = list(dict.fromkeys(r["method"] for r in paired))
+    lines = [
+        "",
+        f"## Against Base at each {axis}",
+        "",
+        f"![test metrics against {axis}]({figure_name})",
+        "",
+        "Cells: mean Δ over seeds in points (Holm-adjusted p) and the verdict, from the paired "
+        "tables above; each method is compared with Base at the same value.",
+    ]
+    for metric, title in (("auroc", "AUROC"), ("acc", "ACC at the Youden threshold")):
+        lines += ["", f"### Δ {title}", ""]
+        header = ["method", *(f"{axis} {v}" for v in values)]
+        body = []
+        for method in methods:
+            cells = []
+            for value in values:
+                match = [
+                    r for r in paired if r["method"] == method and r["variant"].get(axis) == value
+                ]
+                if not match:
+                    cells.append("—")
+                    continue
+                c = match[0][metric]
+                cells.append(f"{100 * c['mean']:+.2f} (p {_p(c.get('p_holm'))}) {c['verdict']}")
+            body.append([method, *cells])
+        lines += md_table(header, body)
+    return lines

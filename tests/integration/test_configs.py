@@ -190,3 +190,33 @@ def test_nst_options_reach_the_loss() -> None:
     bad = _compose(["+experiment=nst_poly", "module.teacher=/x", "module.nst.teacher_term=maybe"])
     with pytest.raises(InstantiationException, match="teacher_term must be true or false"):
         instantiate(bad.module.nst)
+
+
+def test_scarce_cpu_runs_every_method_at_every_label_fraction() -> None:
+    steps = plan_steps(_compose(["+experiment=scarce_cpu"]))
+    teacher = [s for s in steps if s["shared"]]
+    assert [s["name"] for s in teacher] == ["teacher"] and teacher[0]["variant"] == {}
+    students = [s for s in steps if not s["shared"]]
+    fractions = [0.01, 0.03, 0.1, 0.3, 1.0]
+    assert len(students) == 4 * len(fractions) * 3 and len({s["dir"] for s in steps}) == 61
+    for step in students:
+        fraction = step["variant"]["labeled_fraction"]
+        assert f"data.labeled_fraction={fraction}" in step["overrides"]
+        assert step["dir"] == f"seed{step['seed']}/{step['name'].split('[')[0]}/" + (
+            f"labeled_fraction_{fraction}"
+        )
+        teacher_arg = ["module.teacher=/x"] if step["teacher_step"] else []
+        cfg = _compose(["+experiment=scarce_cpu", *step["overrides"], *teacher_arg])
+        assert cfg.data.labeled_fraction == fraction and cfg.trainer.max_epochs == 6
+        assert step["teacher_step"] in (None, "teacher")  # the shared, fully labelled teacher
+    cfg = _compose(["+experiment=scarce_cpu", *teacher[0]["overrides"]])
+    assert cfg.data.labeled_fraction == 1.0 and cfg.model.arch == "resnet34"
+    combos = {(s["name"].split("[")[0], s["variant"]["labeled_fraction"]) for s in students}
+    assert combos == {(m, f) for m in ("base", "nst_poly", "kd", "nst_poly_kd") for f in fractions}
+
+
+def test_chain_axes_errors_are_one_line() -> None:
+    with pytest.raises(ValueError, match=r"chain.axes.labeled_fraction=.*expected \{key"):
+        plan_steps(_compose(["+experiment=scarce_cpu", "chain.axes.labeled_fraction=0.1"]))
+    with pytest.raises(ValueError, match="chain.axes.labeled_fraction.values is empty"):
+        plan_steps(_compose(["+experiment=scarce_cpu", "chain.axes.labeled_fraction.values=[]"]))

@@ -196,3 +196,69 @@ def test_yaml_transforms_build_without_albumentations_warnings(config, tmp_path)
         dm.setup()
         x, y = next(iter(dm.train_dataloader()))
         assert x.shape == (4, 1, 32, 32) and y.dtype == torch.int64
+
+
+@needs_shared
+def test_labeled_fraction_hides_a_stratified_seeded_share_of_train_labels(raw):
+    full = XRayDataModule(str(SHARED_NPZ), image_size=28)
+    full.setup()
+    dm = XRayDataModule(str(SHARED_NPZ), image_size=28, labeled_fraction=0.03, class_weighting=True)
+    dm.setup()
+    labels = dm.datasets["train"].labels
+    true = raw["train_labels"].ravel()
+    kept = labels != -100
+    assert kept.sum() == int(np.floor(0.03 * len(true))) == 116
+    assert (labels[kept] == true[kept]).all()  # the kept labels are the true ones
+    # Stratified: the labelled share has the train split's class balance (388 normal of 3882).
+    assert dm.labeled_counts == np.bincount(true[kept], minlength=2).tolist() == [12, 104]
+    assert dm.train_counts == full.train_counts  # true counts of the split stay reported
+    assert dm.split_counts["val"] == full.split_counts["val"]  # val and test keep every label
+    assert (dm.datasets["test"].labels == full.datasets["test"].labels).all()
+    # Class weights come from the labelled images, whose CE they weigh.
+    assert torch.allclose(dm.class_weights, torch.tensor([116 / 24, 116 / 208]))
+    # Seeded: the same subset again, another with another seed.
+    again = XRayDataModule(str(SHARED_NPZ), image_size=28, labeled_fraction=0.03)
+    again.setup()
+    other = XRayDataModule(str(SHARED_NPZ), image_size=28, labeled_fraction=0.03, labeled_seed=1)
+    other.setup()
+    assert (again.datasets["train"].labels == labels).all()
+    assert (other.datasets["train"].labels != labels).any()
+    _, y = next(iter(dm.train_dataloader()))
+    assert (y == -100).any() and y.dtype == torch.int64
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5, float("nan"), True])
+def test_labeled_fraction_out_of_range_is_one_line(fraction):
+    with pytest.raises(
+        ValueError, match=r"data.labeled_fraction=.*: expected a number in \(0, 1\]"
+    ):
+        XRayDataModule("x.npz", labeled_fraction=fraction)
+
+
+def test_labeled_fraction_leaving_a_class_unlabelled_names_the_smallest_valid(tmp_path):
+    dm = XRayDataModule(
+        str(_small_npz(tmp_path / "small.npz")), image_size=28, labeled_fraction=0.05
+    )
+    with pytest.raises(ValueError) as err:
+        dm.setup()
+    message = str(err.value)
+    assert message.startswith("data.labeled_fraction=0.05 keeps 1 of 20 training images")
+    assert "the smallest valid value is 0.1 (one image per class)" in message
+    ok = XRayDataModule(str(_small_npz(tmp_path / "ok.npz")), image_size=28, labeled_fraction=0.1)
+    ok.setup()
+    assert ok.labeled_counts == [1, 1]
+
+
+def test_cross_entropy_skips_hidden_labels_and_an_all_hidden_batch_is_zero():
+    from kd_lightning.modules.classifier import ClassifierModule
+
+    module = ClassifierModule({"arch": "resnet18"}, class_weights=[2.0, 0.5])
+    logits = torch.randn(6, 2, requires_grad=True)
+    targets = torch.tensor([0, -100, 1, 1, -100, 0])
+    keep = targets != -100
+    expected = torch.nn.functional.cross_entropy(
+        logits[keep], targets[keep], weight=torch.tensor([2.0, 0.5])
+    )
+    assert torch.allclose(module.cross_entropy(logits, targets), expected)
+    none = module.cross_entropy(logits, torch.full((6,), -100))
+    assert none.item() == 0.0 and none.requires_grad
