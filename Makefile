@@ -44,6 +44,7 @@ bench: install
 	$(PY) benchmarks/bench_data.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_nst.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_distill.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_teacher_pass.py $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -161,7 +161,11 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
 
     configure_trainer(cfg)  # precision check; parallel multirun jobs get a GPU each (launch.py)
     check_trainer_config(cfg.trainer)
-    check_image_size(int(cfg.data.image_size), str(cfg.model.stem))
+    check_image_size(
+        int(cfg.data.image_size),
+        str(cfg.model.get("stem", "imagenet")),
+        OmegaConf.to_container(cfg.model, resolve=True),
+    )
     check_evaluation_config(cfg.get("evaluation"))
     save_run_config(cfg, out_dir)
     L.seed_everything(int(cfg.seed), workers=True)

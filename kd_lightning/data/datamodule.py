@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd_lightning.data.cache import ImageCache, build_image_cache
 from kd_lightning.data.sources import (
@@ -19,6 +21,9 @@ from kd_lightning.data.sources import (
     class_names,
     ensure_npz,
     load_npz,
+    medmnist_set,
+    npz_class_names,
+    npz_medmnist_set,
     scan_kermany,
     stratified_subset,
 )
@@ -28,6 +33,8 @@ from kd_lightning.data.transforms import (
     apply_augmentation,
     clahe_stack,
     resize_square,
+    seed_augmentation,
+    transform_fingerprint,
 )
 
 log = logging.getLogger(__name__)
@@ -35,6 +42,47 @@ log = logging.getLogger(__name__)
 # The target of a training image whose label is hidden (data.labeled_fraction < 1): PyTorch's
 # cross_entropy default ignore_index, so plain CE skips it without special code.
 IGNORE_LABEL = -100
+
+# Tags that keep the stream's two uses of (seed, epoch) apart: the epoch's order, an item's draws.
+_ORDER, _ITEM = 0x0DE5, 0x17E3
+
+
+def stream_seed(*parts: int) -> int:
+    """A 64-bit seed that is a pure function of non-negative integers (numpy's SeedSequence
+    hash: well mixed, the same on every machine, process and worker)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)
+    return int(state[0])
+
+
+class EpochSampler(Sampler):
+    """Shuffled training order that is a pure function of (seed, epoch), yielding (epoch, i).
+
+    Lightning's fit loop calls `set_epoch(epoch)` on a loader's sampler at the start of every
+    epoch (the hook DistributedSampler uses), so the epoch needs no callback and no dataloader
+    reload; a plain loop calls `loader.sampler.set_epoch(e)` itself. The sampler runs in the main
+    process and hands each worker (epoch, i), so the item's augmentation is seeded the same with
+    any num_workers, also with persistent workers. `shuffle=False` keeps 0..n-1.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = int(n), int(seed), shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self, epoch: int | None = None) -> list[int]:
+        epoch = self.epoch if epoch is None else int(epoch)
+        if not self.shuffle:
+            return list(range(self.n))
+        gen = torch.Generator().manual_seed(stream_seed(_ORDER, self.seed, epoch) % 2**63)
+        return torch.randperm(self.n, generator=gen).tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return iter([(epoch, i) for i in self.order(epoch)])
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class XRayDataset(Dataset):
@@ -48,9 +96,17 @@ class XRayDataset(Dataset):
         to_tensor: ToNormalizedTensor,
         transform: AlbumentationsLike | None = None,
         name: str = "transform",
+        return_index: bool = False,
+        stream_seed: int | None = None,
     ) -> None:
         self.images, self.indices, self.labels = images, indices, labels
         self.to_tensor, self.transform, self.name = to_tensor, transform, name
+        self.return_index = return_index
+        # Deterministic stream (not None): item i of epoch e is augmented from a generator seeded
+        # by (stream_seed, e, i) alone. `epoch` is the epoch of plain integer keys; EpochSampler
+        # keys (epoch, i) carry their own.
+        self.stream_seed = stream_seed
+        self.epoch = 0
         self._seeded_pid: int | None = None
 
     def __len__(self) -> int:
@@ -67,11 +123,20 @@ class XRayDataset(Dataset):
         self.transform.set_random_seed(seed % 2**32)
         self._seeded_pid = os.getpid()
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(
+        self, key: int | tuple[int, int]
+    ) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int]:
+        epoch, i = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (None, key)
         image = np.asarray(self.images[self.indices[i]])
         if self.transform is not None:
-            self._seed_transform()
+            if self.stream_seed is not None:
+                epoch = self.epoch if epoch is None else epoch
+                seed_augmentation(self.transform, stream_seed(_ITEM, self.stream_seed, epoch, i))
+            else:
+                self._seed_transform()
             image = apply_augmentation(self.transform, np.ascontiguousarray(image), self.name)
+        if self.return_index:  # CRD's memory bank is indexed by the item's position
+            return self.to_tensor(image), int(self.labels[i]), i
         return self.to_tensor(image), int(self.labels[i])
 
 
@@ -115,6 +180,11 @@ class XRayDataModule(L.LightningDataModule):
         std: float = 0.5,
         labeled_fraction: float = 1.0,
         labeled_seed: int = 0,
+        flag: str | None = None,
+        size: int | None = None,
+        return_index: bool = False,
+        deterministic_stream: bool = True,
+        stream_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
@@ -134,6 +204,7 @@ class XRayDataModule(L.LightningDataModule):
                 "(the fraction of training images that keep their label)"
             )
         _check_int("labeled_seed", labeled_seed, 0)
+        _check_int("stream_seed", stream_seed, 0, optional=True)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction!r}: expected a value in [0, 1)")
         for name, tf in (("train_transform", train_transform), ("eval_transform", eval_transform)):
@@ -141,12 +212,36 @@ class XRayDataModule(L.LightningDataModule):
                 raise ValueError(f"{name}={tf!r}: expected an albumentations Compose or None")
         self.path = str(path)
         self.is_npz = self.path.lower().endswith(".npz")
-        if self.is_npz and num_classes != 2:
+        # data=medmnist: flag/size checked (unknown flag, unpublished size, multi-label) before
+        # anything is read; an npz named after a flag carries its class count and names.
+        if flag is not None:
+            medmnist_set(flag, 28 if size is None else size)
+        medmnist = npz_medmnist_set(self.path) if self.is_npz else None
+        if medmnist is not None and num_classes != medmnist.num_classes:
+            raise ValueError(
+                f"num_classes={num_classes!r} with {self.path}: {medmnist.flag} has "
+                f"{medmnist.num_classes} classes; set data.num_classes={medmnist.num_classes}"
+                + (
+                    " (3 classes, normal/bacteria/virus, need the Kermany folder)"
+                    if medmnist.flag == "pneumoniamnist"
+                    else ""
+                )
+            )
+        if self.is_npz and medmnist is None and num_classes != 2:
             raise ValueError(
                 f"num_classes={num_classes!r} with {self.path}: the npz source has 2 classes "
                 "(normal/pneumonia); 3 classes (normal/bacteria/virus) need the Kermany folder"
             )
-        self.class_names = class_names(num_classes)
+        if medmnist is not None and medmnist.n_channels == 3 and in_channels != 3:
+            raise ValueError(
+                f"{self.path}: {medmnist.flag} has 3-channel (RGB) images but "
+                f"model.in_channels={in_channels}; set model.in_channels=3"
+            )
+        if medmnist is not None and medmnist.n_channels == 3 and clahe:
+            raise ValueError(f"data.clahe=true needs grayscale images; {medmnist.flag} is RGB")
+        self.class_names = (
+            npz_class_names(self.path, num_classes) if self.is_npz else class_names(num_classes)
+        )
         self.num_classes = num_classes
         self.to_tensor = ToNormalizedTensor(mean, std, in_channels)
         self.image_size, self.in_channels = image_size, in_channels
@@ -157,6 +252,12 @@ class XRayDataModule(L.LightningDataModule):
         self.class_weighting, self.clahe = class_weighting, clahe
         self.train_subset, self.eval_subset = train_subset, eval_subset
         self.labeled_fraction, self.labeled_seed = float(labeled_fraction), labeled_seed
+        self.return_index = bool(return_index)
+        # Deterministic stream: training order a pure function of (seed, epoch), each item's
+        # augmentation of (seed, epoch, index); the seed is `stream_seed`, else torch's initial
+        # seed (what seed_everything set) when the training loader is made.
+        self.deterministic_stream = bool(deterministic_stream)
+        self.stream_seed = stream_seed
         self.labeled_counts: list[int] | None = None
 
         self.datasets: dict[str, XRayDataset] = {}
@@ -205,7 +306,13 @@ class XRayDataModule(L.LightningDataModule):
                 labels = self._hide_labels(labels)
             transform = self.train_transform if split == "train" else self.eval_transform
             self.datasets[split] = XRayDataset(
-                images, indices, labels, self.to_tensor, transform, f"{split} transform"
+                images,
+                indices,
+                labels,
+                self.to_tensor,
+                transform,
+                f"{split} transform",
+                return_index=self.return_index and split == "train",
             )
         self.train_counts = self.split_counts["train"]
         if self.labeled_fraction >= 1.0:
@@ -222,7 +329,7 @@ class XRayDataModule(L.LightningDataModule):
     def _load_npz(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         file = ensure_npz(self.path, download=self.download)
         out = {}
-        for split, data in load_npz(file, self.num_classes).items():
+        for split, data in load_npz(file, self.num_classes, self.in_channels).items():
             images = resize_square(data.images, self.image_size)
             out[split] = (images, np.arange(len(images)), data.labels)
         return out
@@ -290,19 +397,65 @@ class XRayDataModule(L.LightningDataModule):
         return torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
 
     # ------------------------------------------------------------------ loaders
+    def resolved_stream_seed(self) -> int:
+        """The deterministic stream's seed: data.stream_seed, else torch's initial seed."""
+        return int(self.stream_seed if self.stream_seed is not None else torch.initial_seed())
+
+    def use_train_indices(self) -> None:
+        """Training items become (image, label, index) (what data.return_index=true gives)."""
+        if not self.datasets:
+            raise RuntimeError("use_train_indices() called before setup(); call setup() first")
+        self.return_index = True
+        self.datasets["train"].return_index = True
+
+    def stream_identity(self) -> dict[str, object] | None:
+        """What decides the training images a model sees in (epoch, index) under the
+        deterministic stream: data file, the resized/CLAHE'd training pixels, normalization,
+        augmentation, seed and batching. None without a deterministic stream. Content hashes, so
+        a renamed copy of the same data has the same identity and an edited one has another."""
+        if not self.deterministic_stream or not self.datasets:
+            return None
+        dataset = self.datasets["train"]
+        pixels = hashlib.sha256()
+        rows = np.asarray(dataset.indices)
+        for start in range(0, len(rows), 1024):  # chunked: memmapped folder caches can be large
+            pixels.update(np.ascontiguousarray(dataset.images[rows[start : start + 1024]]))
+        source = Path(self.path)
+        return {
+            "data_file": _file_sha256(source) if source.is_file() else str(source.resolve()),
+            "train_pixels": pixels.hexdigest(),
+            "n_train": len(dataset),
+            "image_size": self.image_size,
+            "in_channels": self.in_channels,
+            "normalize": [self.to_tensor.mean, self.to_tensor.std],
+            "transform": transform_fingerprint(self.train_transform),
+            "stream_seed": self.resolved_stream_seed(),
+            "batch_size": self.batch_size,
+            "drop_last": self._drop_last(len(dataset), shuffle=True),
+        }
+
+    def _drop_last(self, n: int, shuffle: bool) -> bool:
+        # A last training batch of one image breaks BatchNorm; drop it only in that case.
+        return shuffle and n % self.batch_size == 1 and n > 1
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.datasets:
             raise RuntimeError(f"{split}_dataloader() called before setup(); call setup() first")
         dataset = self.datasets[split]
+        sampler = None
+        if shuffle and self.deterministic_stream:
+            seed = self.resolved_stream_seed()
+            dataset.stream_seed = seed
+            sampler = EpochSampler(len(dataset), seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            # A last training batch of one image breaks BatchNorm; drop it only in that case.
-            drop_last=shuffle and len(dataset) % self.batch_size == 1 and len(dataset) > 1,
+            drop_last=self._drop_last(len(dataset), shuffle),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -313,3 +466,11 @@ class XRayDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

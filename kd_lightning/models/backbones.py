@@ -2,11 +2,13 @@
 
 The small stem (3x3 stride-1 conv, no max-pool) is MedMNIST's choice for 28-64 px images: it keeps
 the spatial resolution that the ImageNet stem's stride-4 entry would throw away. Weights come from
-torchvision (online), from a local file, or not at all.
+torchvision (online), from a local file, or not at all. Every other network (and the one entry
+point used wherever a network is built from a spec) is in networks.py: `build_model`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +28,41 @@ STEMS = ("imagenet", "small")
 STEM_STRIDE = {"imagenet": 32, "small": 8}
 
 
-def check_image_size(image_size: int, stem: str) -> None:
-    """Refuse an input too small for the stem, naming the option that fixes it."""
+class WeightsUnavailableError(RuntimeError, ValueError):
+    """Pretrained weights could not be fetched (offline): one line naming the file to place.
+
+    A ValueError too, so the CLI shows it as a one-line user error.
+    """
+
+
+def check_image_size(image_size: int, stem: str, spec: Mapping[str, Any] | None = None) -> None:
+    """Refuse an input too small for the stem, naming the option that fixes it.
+
+    `stem=imagenet` is every network's own ImageNet entry: total stride 32 for the ResNets and for
+    the torchvision / timm families (DenseNet, MobileNet, EfficientNet, ConvNeXt, RegNet, ...), so
+    the same minimum holds for them. With the model `spec`, networks that accept one input size
+    only (ViTs, MaxViT, timm models with a fixed input size) are checked too.
+    """
     if stem not in STEMS:
         raise ValueError(f"unknown model.stem={stem!r}; expected one of {list(STEMS)}")
     minimum = STEM_STRIDE[stem]
     if image_size < minimum:
         hint = " (use model.stem=small for small images)" if stem == "imagenet" else ""
+        if spec is not None and (spec.get("family") or "resnet") != "resnet":
+            hint = " (only ResNets have model.stem=small; use a larger data.image_size)"
         raise ValueError(
             f"data.image_size={image_size} is too small for model.stem={stem}: "
             f"expected >= {minimum} px, its total stride{hint}"
         )
+    if spec is not None:
+        from kd_lightning.models.networks import fixed_input_size
+
+        fixed = fixed_input_size(spec)
+        if fixed is not None and image_size != fixed:
+            raise ValueError(
+                f"data.image_size={image_size}: {spec.get('name') or spec.get('arch')} takes "
+                f"{fixed} px inputs only; set data.image_size={fixed}"
+            )
 
 
 def build_resnet(
@@ -84,17 +110,22 @@ def build_resnet(
     return model
 
 
-def _load_imagenet(arch: str, weights: Any) -> Any:
+def torchvision_imagenet_weights(arch: str, weights: Any) -> Any:
+    """`weights` (a torchvision weights enum member) once its file is in the hub cache; offline,
+    one line naming the exact file and the folder to place it in."""
     try:
         weights.get_state_dict(progress=False)
     except Exception as err:  # URLError offline, HTTP errors, truncated downloads
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        raise RuntimeError(
+        raise WeightsUnavailableError(
             f"cannot fetch ImageNet weights for {arch} ({type(err).__name__}); offline, set "
             f"model.pretrained=false, or place {Path(weights.url).name} at {cache}, "
             f"or pass model.weights_path=FILE"
         ) from err
     return weights
+
+
+_load_imagenet = torchvision_imagenet_weights
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -120,12 +151,13 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         first = str(err).strip().splitlines()[1:2] or [str(err)]
         raise ValueError(
             f"weights in {path} do not fit the model ({first[0].strip()}); "
-            f"check model.arch / num_classes / in_channels / stem"
+            f"check model.arch (or model.name) / num_classes / in_channels / stem"
         ) from err
     if missing or unexpected:
         raise ValueError(
             f"weights in {path} do not fit the model: missing {missing[:3]}..., "
-            f"unexpected {unexpected[:3]}... (check model.arch / num_classes / in_channels / stem)"
+            f"unexpected {unexpected[:3]}... (check model.arch or model.name / num_classes / "
+            "in_channels / stem)"
         )
 
 

@@ -10,18 +10,13 @@ import torch
 from torch import nn
 
 from kd_lightning.artifacts import MODEL_FILE, ArtifactError, read_summary, summary_path
-from kd_lightning.models.backbones import build_resnet
-
-SPEC_KEYS = ("arch", "in_channels", "stem")
+from kd_lightning.models.networks import build_model
 
 
 def build_from_spec(spec: dict[str, Any]) -> nn.Module:
     """An untrained network of a summary's `model` entry (no pretrained download)."""
     try:
-        return build_resnet(
-            num_classes=int(spec.get("num_classes", 2)),
-            **{k: spec[k] for k in SPEC_KEYS if k in spec},
-        )
+        return build_model(spec, untrained=True)
     except (ValueError, TypeError) as err:
         raise ArtifactError(f"model entry {spec}: {err}") from err
 

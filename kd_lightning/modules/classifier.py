@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_lightning.models.backbones import build_resnet
+from kd_lightning.models.networks import build_model
 from kd_lightning.modules.metrics import StageMetrics
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -38,7 +38,7 @@ class ClassifierModule(L.LightningModule):
         super().__init__()
         # Subclasses' loss objects are rebuilt from config, never pickled into hparams.
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "nst", "kd"])
-        self.model = build_resnet(num_classes=num_classes, **dict(model))
+        self.model = build_model(model, num_classes)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
@@ -106,9 +106,13 @@ class ClassifierModule(L.LightningModule):
         """What the optimizer updates; a distillation module narrows this to the student."""
         return self.model
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: one of every trainable parameter. A subclass that
+        trains some parameters differently (own rate, no weight decay) splits them here."""
+        return [{"params": [p for p in self.trainable_modules().parameters() if p.requires_grad]}]
+
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.trainable_modules().parameters() if p.requires_grad]
-        optimizer = (self.optimizer_factory or torch.optim.Adam)(params)
+        optimizer = (self.optimizer_factory or torch.optim.Adam)(self.parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}

@@ -10,14 +10,15 @@ of differentiable quantization their own parameter group, and changes what a fin
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import io
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from kd_lightning.distill import KDLoss, NSTLoss
+from kd_lightning.artifacts import MODEL_INT_FILE, write_bytes_atomic
 from kd_lightning.distill.quant import (
     attach_quantizers,
     detach_quantizers,
@@ -25,11 +26,10 @@ from kd_lightning.distill.quant import (
     packed_nbytes,
     quantized_parameters,
 )
-from kd_lightning.models.backbones import build_resnet
-from kd_lightning.modules.classifier import OptimizerFactory, SchedulerFactory
+from kd_lightning.models.networks import build_model
 from kd_lightning.modules.distill import DistillModule
 
-MODEL_INT_FILE = "model_int.pt"
+__all__ = ["MODEL_INT_FILE", "QUANT_DEFAULTS", "QuantizedDistillModule", "quantization_settings"]
 
 # Settings accepted in `quantization` and their defaults (Polino et al.: 4 bits, buckets of 256,
 # min-max scaling, first and last layer in full precision). `points_lr` (differentiable mode
@@ -83,96 +83,60 @@ class QuantizedDistillModule(DistillModule):
 
     `quantization`: {bits (2-8), scaling (minmax|absmax), bucket_size (int or None = whole
     tensor), stochastic (rounding, uniform mode only), mode (uniform|differentiable),
-    skip_first_last, points_lr}; missing keys take QUANT_DEFAULTS. The quantizers are attached
-    after the student is built (and hooked), so NST pairs and KD work unchanged; checkpoints hold
-    the full-precision `...parametrizations.weight.original` tensors (and the points).
+    skip_first_last, points_lr}; missing keys take QUANT_DEFAULTS. Every other argument is
+    DistillModule's, passed through unchanged (model, teacher, methods, image_size, ...). The
+    quantizers are attached after the student is built (and hooked), so NST pairs, KD and the
+    other methods work unchanged; checkpoints hold the full-precision
+    `...parametrizations.weight.original` tensors (and the points).
     """
 
-    def __init__(
-        self,
-        model: Mapping[str, Any],
-        teacher: str,
-        quantization: Mapping[str, Any] | None = None,
-        num_classes: int = 2,
-        teacher_model: Mapping[str, Any] | None = None,
-        nst: NSTLoss | None = None,
-        feature_pairs: Sequence[Mapping[str, Any]] = (),
-        kd: KDLoss | None = None,
-        kd_weight: float = 0.0,
-        ce_weight: float = 1.0,
-        keep_teacher_in_checkpoint: bool = False,
-        optimizer: OptimizerFactory | None = None,
-        scheduler: SchedulerFactory | None = None,
-        class_weights: list[float] | None = None,
-        channels_last: bool = False,
-    ) -> None:
+    def __init__(self, *args: Any, quantization: Mapping[str, Any] | None = None, **kwargs: Any):
         # Validate before the (possibly slow) teacher load so a typo fails at once.
         settings = quantization_settings(quantization)
-        super().__init__(
-            model,
-            teacher,
-            num_classes=num_classes,
-            teacher_model=teacher_model,
-            nst=nst,
-            feature_pairs=feature_pairs,
-            kd=kd,
-            kd_weight=kd_weight,
-            ce_weight=ce_weight,
-            keep_teacher_in_checkpoint=keep_teacher_in_checkpoint,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            class_weights=class_weights,
-            channels_last=channels_last,
-        )
+        # DistillModule's save_hyperparameters also records this frame's `quantization`.
+        super().__init__(*args, **kwargs)
         # Saved with the settings filled in, so a checkpoint rebuilds the same quantizers.
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "nst", "kd"])
         self.hparams["quantization"] = settings
         self.quantization = settings
         self.quantized_layers = _attach(self.model, settings)
         if not self.quantized_layers:
             raise ValueError(
-                f"module.quantization quantized no layer of {dict(model).get('arch')} "
+                f"module.quantization quantized no layer of {self.hparams.model.get('arch')} "
                 f"(skip_first_last={settings['skip_first_last']}); expected Conv2d/Linear layers"
             )
 
-    def configure_optimizers(self) -> Any:
+    def parameter_groups(self) -> list[dict[str, Any]]:
         # Points get their own group: weight decay would pull them toward 0 in the scaled [0, 1]
         # space, which has no meaning there, and Polino trains them with their own rate.
         points = list(quantized_parameters(self.model))
         point_ids = {id(p) for p in points}
-        weights = [
-            p
-            for p in self.trainable_modules().parameters()
-            if p.requires_grad and id(p) not in point_ids
+        groups = [
+            {**group, "params": [p for p in group["params"] if id(p) not in point_ids]}
+            for group in super().parameter_groups()
         ]
-        groups: list[dict[str, Any]] = [{"params": weights}]
         if points:
             group: dict[str, Any] = {"params": points, "weight_decay": 0.0}
             if self.quantization["points_lr"] is not None:
                 group["lr"] = float(self.quantization["points_lr"])
             groups.append(group)
-        optimizer = (self.optimizer_factory or torch.optim.Adam)(groups)
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+        return groups
 
     def plain_quantized_model(self) -> nn.Module:
-        """A plain ResNet (no parametrizations) holding the eval-mode quantized weights.
+        """A plain network (no parametrizations) holding the eval-mode quantized weights.
 
         Built fresh rather than deep-copied: a deepcopy of `self.model` would also copy the NST
         forward hooks (and any feature tensors they hold), and shares the dynamic Parametrized*
         classes with the original (quant.py's pitfall). A fresh net with the same quantizers, the
         same state loaded and the quantizers then detached gives exactly the forward's weights.
         """
-        spec = {**dict(self.hparams.model), "pretrained": False, "weights_path": None}
-        net = build_resnet(num_classes=int(self.hparams.num_classes), **spec)
+        net = build_model(self.hparams.model, int(self.hparams.num_classes), untrained=True)
         _attach(net, self.quantization)
         net.load_state_dict(self.model.state_dict())
         detach_quantizers(net)
         return net.eval()
 
     def deployable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Plain torchvision ResNet state dict with the quantized weight values (model.pt)."""
+        """The plain network's state dict with the quantized weight values (model.pt)."""
         return {
             k: v.detach().cpu().clone()
             for k, v in self.plain_quantized_model().state_dict().items()
@@ -183,7 +147,9 @@ class QuantizedDistillModule(DistillModule):
         path = Path(out_dir) / MODEL_INT_FILE
         # pack_quantized rounds deterministically (as the eval forward), whatever the mode.
         packed = _to_cpu(pack_quantized(self.model))
-        torch.save(packed, path)
+        buffer = io.BytesIO()
+        torch.save(packed, buffer)
+        write_bytes_atomic(path, buffer.getvalue())
         return {
             "quantization": dict(self.quantization),
             "quantized_layers": len(self.quantized_layers),

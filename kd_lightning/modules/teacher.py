@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd_lightning.models.backbones import build_resnet, load_weights
+from kd_lightning.models.backbones import load_weights
+from kd_lightning.models.networks import build_model
 
 
 def resolve_teacher_checkpoint(source: str | Path) -> Path:
@@ -54,7 +55,7 @@ def load_teacher(
                 f"teacher weights file {path} carries no architecture; set module.teacher_model"
             )
         spec = dict(expected_model)
-        model = build_resnet(num_classes=num_classes, **{**spec, "weights_path": None})
+        model = build_model(spec, num_classes, untrained=True)
         load_weights(model, path)
         return model, spec
     try:
@@ -78,9 +79,7 @@ def load_teacher(
                 raise ValueError(
                     f"teacher {path} has {key}={spec.get(key)!r}; expected {expected_model[key]!r}"
                 )
-    model = build_resnet(
-        num_classes=num_classes, **{**spec, "pretrained": False, "weights_path": None}
-    )
+    model = build_model(spec, num_classes, untrained=True)
     weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     model.load_state_dict(weights)
     return model, spec

@@ -126,7 +126,7 @@ CHAIN_STEPS = _chain_step_configs()
 def test_every_chain_step_composes() -> None:
     for label, overrides, has_teacher in CHAIN_STEPS:
         cfg = _compose([*overrides, *(["module.teacher=/x"] if has_teacher else [])])
-        assert cfg.model.arch.startswith("resnet"), label
+        assert cfg.model.arch.startswith(("resnet", "densenet", "mobilenet")), label
         assert cfg.module._target_.endswith(("ClassifierModule", "DistillModule")), label
         assert has_teacher == cfg.module._target_.endswith("DistillModule"), label
 
@@ -142,6 +142,16 @@ def _distinct_step_kinds() -> dict[tuple[str, str], tuple[str, list[str], bool]]
     return kinds
 
 
+def _chain_teacher(experiment: str, out: Path) -> Path:
+    """The experiment's own shared teacher step, trained for one batch."""
+    steps = plan_steps(_compose([f"+experiment={experiment}", "chain.seeds=[0]"]))
+    shared = next(s for s in steps if s["shared"])
+    run_stage(
+        _compose([f"+experiment={experiment}", *shared["overrides"], *ONE_BATCH]), out_dir=out
+    )
+    return out
+
+
 @pytest.mark.parametrize(
     "kind", sorted(_distinct_step_kinds()), ids=lambda k: f"{k[0]}-{k[1].split('.')[-1]}"
 )
@@ -149,8 +159,14 @@ def test_each_kind_of_chain_step_runs_one_batch(kind, teacher_dir: Path, tmp_pat
     label, overrides, has_teacher = _distinct_step_kinds()[kind]
     overrides = [*overrides, *ONE_BATCH]
     if has_teacher:
-        # One small teacher for every step: drop the hop's expected teacher architecture.
-        overrides += [f"module.teacher={teacher_dir}", "module.teacher_model=null"]
+        # One small teacher for every step: drop the hop's expected teacher architecture. A step
+        # that hooks non-ResNet teacher layers (deploy_cpu's DenseNet) gets its chain's teacher.
+        cfg = _compose([*overrides, "module.teacher=/x"])
+        layers = [p["teacher"] for p in cfg.module.get("feature_pairs") or []]
+        teacher = teacher_dir
+        if any(not layer.startswith("layer") for layer in layers):
+            teacher = _chain_teacher(label.split("/")[0], tmp_path / "teacher")
+        overrides += [f"module.teacher={teacher}", "module.teacher_model=null"]
     summary = run_stage(_compose(overrides), out_dir=tmp_path)
     assert summary["model"]["arch"] == kind[0], label
 

@@ -151,7 +151,11 @@ def test_last_train_batch_of_one_is_dropped(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"num_classes": 3}, "num_classes=3 with .*pneumoniamnist.npz: the npz source has 2"),
+        (
+            {"num_classes": 3},
+            "num_classes=3 with .*pneumoniamnist.npz: pneumoniamnist has 2 classes; set "
+            "data.num_classes=2 .*need the Kermany folder",
+        ),
         ({"in_channels": 2}, "in_channels=2: expected 1 or 3"),
         ({"image_size": 4}, "image_size=4: expected an integer >= 8"),
         ({"batch_size": 0}, "batch_size=0: expected an integer >= 1"),

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from kd_lightning.data.datamodule import XRayDataModule
-from kd_lightning.distill import KDLoss, NSTLoss
+from kd_lightning.distill import FitNetsLoss, KDLoss, NSTLoss
 from kd_lightning.distill.quant import packed_nbytes, unpack_quantized
 from kd_lightning.models.backbones import build_resnet
 from kd_lightning.modules.quantized import MODEL_INT_FILE, QuantizedDistillModule
@@ -146,6 +146,26 @@ def test_differentiable_points_are_trained_in_their_own_group(
     assert moved == len(before)
     weight = module.model.layer3[1].conv2.weight
     assert _distinct_per_bucket(weight) <= 8
+
+
+def test_distill_arguments_pass_through_and_method_parts_train_with_the_weights(
+    teacher_pt: Path,
+) -> None:
+    # Nothing of DistillModule's signature is restated: its newer arguments arrive unchanged.
+    module = _module(
+        teacher_pt,
+        {"bits": 3, "mode": "differentiable"},
+        methods={"fitnets": FitNetsLoss("layer2", "layer2")},
+        image_size=32,
+    )
+    assert list(module.methods) == ["fitnets"] and module.hparams["quantization"]["bits"] == 3
+    assert "methods" not in module.hparams and "image_size" not in module.hparams
+    weights, points = module.configure_optimizers().param_groups
+    weight_ids, point_ids = {id(p) for p in weights["params"]}, {id(p) for p in points["params"]}
+    connector = [id(p) for p in module.methods.parameters()]
+    assert connector and set(connector) <= weight_ids  # the FitNets connector trains too
+    assert not weight_ids & point_ids and len(point_ids) == len(module.quantized_layers)
+    assert not any(n.startswith("methods.") for n in module.quantized_layers)
 
 
 def test_deployable_state_dict_is_a_plain_resnet_with_the_quantized_forward(
