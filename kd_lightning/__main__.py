@@ -16,6 +16,7 @@ from hydra.utils import get_method  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from omegaconf.errors import MissingMandatoryValue  # noqa: E402
 
+from kd_lightning.artifacts import DiskFullError  # noqa: E402
 from kd_lightning.conf_path import config_dir  # noqa: E402
 
 # Lightning notices that are expected here: the frozen teacher is in eval mode by design, and tiny
@@ -25,8 +26,22 @@ warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
-# Errors a user can fix from the command line: shown as one line, without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, MissingMandatoryValue)
+# Errors a user can fix from the command line: shown as one line, without a traceback. ValueError
+# covers bad settings, unreadable run files (artifacts.ArtifactError), a directory another process
+# holds (locks.DirectoryInUseError) and a loss that became NaN (run.NonFiniteLossError);
+# DiskFullError is a write that found no space (ENOSPC/EDQUOT).
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, MissingMandatoryValue, DiskFullError)
+
+
+def error_line(err: BaseException) -> str:
+    """The one line printed for a user error."""
+    if isinstance(err, DiskFullError):
+        message: object = err.strerror
+    elif isinstance(err, KeyError) and err.args:
+        message = err.args[0]
+    else:
+        message = err
+    return "kd_lightning: error: " + " ".join(str(message).split())
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
@@ -42,8 +57,7 @@ def main(cfg: DictConfig) -> Any:
         cause = err.__cause__ if isinstance(err, InstantiationException) else err
         if os.environ.get("KD_DEBUG") or not isinstance(cause, USER_ERRORS):
             raise
-        message = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
-        print(f"kd_lightning: error: {message}", file=sys.stderr)
+        print(error_line(cause), file=sys.stderr)
         sys.exit(2)
     # Sweepers (Optuna) optimize the value main returns.
     objective = cfg.get("objective")

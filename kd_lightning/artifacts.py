@@ -18,6 +18,7 @@ A study (chain) directory holds chain.json, one directory per step, and the repo
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -44,6 +45,14 @@ class ArtifactError(ValueError):
     """A run file that is missing or unreadable; the message is one line naming the file."""
 
 
+class DiskFullError(OSError):
+    """A write failed for lack of space (ENOSPC, EDQUOT); one line naming the file. The file's
+    earlier version, if any, is intact (atomic writes), so rerunning after freeing space resumes."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing
 
@@ -61,9 +70,20 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            raise disk_full(path, err) from err
         raise
+
+
+def disk_full(path: Path, err: OSError) -> DiskFullError:
+    kept = "its earlier version is intact" if Path(path).exists() else "nothing was half-written"
+    return DiskFullError(
+        err.errno,
+        f"cannot write {path}: {err.strerror or os.strerror(err.errno)} ({kept}); "
+        "free some space and rerun the same command: it resumes from the last checkpoint",
+    )
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -20,7 +20,14 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lightning.artifacts import CHAIN_FILE, has_predictions, read_summary, write_json_atomic
+from kd_lightning.artifacts import (
+    CHAIN_FILE,
+    ArtifactError,
+    has_predictions,
+    read_summary,
+    write_json_atomic,
+)
+from kd_lightning.locks import directory_lock
 from kd_lightning.run import run_dir, run_stage
 
 
@@ -176,8 +183,15 @@ def compose_step(
 
 
 def run_chain(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume, or only report) every planned step. One process at a time per study
+    directory; each step's run_stage also holds its own step directory."""
     chain_dir = run_dir()
     planned = plan_steps(cfg)
+    with directory_lock(chain_dir, "study directory"):
+        return _run_chain(cfg, chain_dir, planned)
+
+
+def _run_chain(cfg: DictConfig, chain_dir: Path, planned: list[dict[str, Any]]) -> dict[str, Any]:
     state_path = chain_dir / CHAIN_FILE
     records = _initial_records(planned, chain_dir, state_path)
     base_overrides = user_overrides()
@@ -207,7 +221,10 @@ def run_chain(cfg: DictConfig) -> dict[str, Any]:
             summary = run_stage(step_cfg, out_dir=step_dir)
         except BaseException:
             record["status"] = "failed"
-            write_json_atomic(state_path, _chain_payload(cfg, records))
+            try:
+                write_json_atomic(state_path, _chain_payload(cfg, records))
+            except OSError:
+                pass  # a full disk: the step's own error is the one to show
             raise
         record.update(
             {
@@ -232,8 +249,11 @@ def _initial_records(
     if state_path.is_file():
         try:
             previous = {s["dir"]: s for s in json.loads(state_path.read_text())["steps"]}
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{state_path} is not a readable chain file ({err})") from err
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise ArtifactError(
+                f"{state_path} is not a readable chain file ({type(err).__name__}: {err}); "
+                "move it away and rerun: finished steps are found again from their summary.json"
+            ) from err
     records = []
     for step in planned:
         record = {

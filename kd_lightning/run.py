@@ -3,7 +3,6 @@ checkpoint, and write `summary.json` into the run directory."""
 
 from __future__ import annotations
 
-import inspect
 import io
 import os
 import time
@@ -14,7 +13,6 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.artifacts import (
@@ -29,48 +27,22 @@ from kd_lightning.artifacts import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from kd_lightning.callbacks import build_callbacks
+from kd_lightning.checks import (
+    check_checkpoint_file,
+    check_evaluation_config,
+    check_numbers,
+    check_teacher_data,
+    check_trainer_config,
+)
+from kd_lightning.guards import AtomicCheckpointIO, FiniteLossGuard, ResumeRngState
 from kd_lightning.launch import configure_trainer
+from kd_lightning.locks import directory_lock
 from kd_lightning.models.backbones import check_image_size, count_parameters
 from kd_lightning.predict import write_run_predictions
 from kd_lightning.report.statistics import run_statistics
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-
-class EpochTimer(Callback):
-    """Wall seconds of each training epoch, for the seconds-per-epoch figure in summary.json."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
-
-
-def check_trainer_config(trainer_cfg: DictConfig) -> None:
-    """Refuse Trainer options this Lightning does not know, and hardware this machine lacks."""
-    valid = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-    unknown = sorted(set(trainer_cfg) - valid - {"_target_"})
-    if unknown:
-        raise ValueError(
-            f"unknown trainer option(s) {unknown}; "
-            f"valid Lightning Trainer arguments: {sorted(valid)}"
-        )
-    accelerator = str(trainer_cfg.get("accelerator", "auto"))
-    precision = str(trainer_cfg.get("precision", "32-true"))
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            f"trainer.accelerator={accelerator} but this machine has no CUDA GPU; "
-            "use trainer=cpu (or trainer.accelerator=cpu)"
-        )
-    if precision.startswith("16") and not torch.cuda.is_available():
-        raise ValueError(
-            f"trainer.precision={precision} needs a CUDA GPU; on CPU use bf16-mixed or 32-true"
-        )
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -96,20 +68,6 @@ def save_run_config(cfg: DictConfig, out_dir: Path) -> None:
     except Exception:  # an interpolation that needs Hydra's runtime: keep it unresolved
         text = OmegaConf.to_yaml(cfg)
     write_bytes_atomic(out_dir / RUN_CONFIG_FILE, text.encode())
-
-
-def check_evaluation_config(evaluation: DictConfig | None) -> None:
-    """The per-run statistics' settings, refused before training when out of range."""
-    evaluation = evaluation or {}
-    target = evaluation.get("target_sensitivity", 0.95)
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
-        raise ValueError(
-            f"evaluation.target_sensitivity={target!r}: expected a number in (0, 1], e.g. 0.95"
-        )
-    for key, minimum in (("bootstrap_resamples", 200), ("calibration_bins", 2)):
-        value = evaluation.get(key, minimum)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"evaluation.{key}={value!r}: expected an integer >= {minimum}")
 
 
 def evaluate_predictions(cfg: DictConfig, predictions: dict[str, Any]) -> dict[str, Any]:
@@ -149,9 +107,14 @@ def backfill_predictions(cfg: DictConfig, out_dir: Path, summary: dict[str, Any]
 
 
 def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
-    """Train and test one model; return (and write) its summary. A finished run only reports."""
+    """Train and test one model; return (and write) its summary. A finished run only reports.
+    One process at a time per run directory (kd_lightning.locks)."""
     out_dir = Path(out_dir) if out_dir is not None else run_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with directory_lock(out_dir, "run directory"):
+        return _run_stage(cfg, out_dir)
+
+
+def _run_stage(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     finished = read_summary(out_dir)
     if finished is not None:
         print(f"[kd_lightning] {out_dir} already finished; reporting its {SUMMARY_FILE}")
@@ -167,6 +130,17 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
         OmegaConf.to_container(cfg.model, resolve=True),
     )
     check_evaluation_config(cfg.get("evaluation"))
+    check_numbers(cfg)
+    check_teacher_data(cfg)
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    last = ckpt_dir / LAST_CHECKPOINT
+    resume_from = str(last) if cfg.get("resume", True) and last.is_file() else None
+    if resume_from:
+        check_checkpoint_file(
+            last,
+            "checkpoint",
+            f"move it away to restart {out_dir} from scratch, or rerun with resume=false",
+        )
     save_run_config(cfg, out_dir)
     L.seed_everything(int(cfg.seed), workers=True)
 
@@ -178,24 +152,22 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
         cfg.module, class_weights=weights.tolist() if weights is not None else None
     )
 
-    ckpt_dir = out_dir / CHECKPOINT_DIR
-    checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="best-{epoch:03d}",
-        monitor=cfg.checkpoint.monitor,
-        mode=cfg.checkpoint.mode,
-        save_last=True,
-    )
-    timer = EpochTimer()
+    # conf/callbacks: the best checkpoint, the epoch timer and any added with +callbacks=...
+    callbacks, checkpoint, timer = build_callbacks(cfg, ckpt_dir)
+    if resume_from:
+        keep_earlier_metrics(out_dir)
     logger = instantiate(cfg.logger, save_dir=str(out_dir)) if cfg.get("logger") else False
+    callbacks = [*callbacks, FiniteLossGuard(last), ResumeRngState()]
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[checkpoint, timer], logger=logger, default_root_dir=str(out_dir)
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=str(out_dir),
+        plugins=[AtomicCheckpointIO()],
     )
     if logger:
         logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
 
-    last = ckpt_dir / LAST_CHECKPOINT
-    resume_from = str(last) if cfg.get("resume", True) and last.is_file() else None
     if resume_from:
         print(f"[kd_lightning] resuming {out_dir} from {last}")
     started = time.perf_counter()
@@ -203,6 +175,11 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     fit_seconds = time.perf_counter() - started
 
     best = checkpoint.best_model_path or str(last)
+    check_checkpoint_file(
+        Path(best),
+        "best checkpoint",
+        f"restore it, or move {out_dir} away and rerun to retrain (resume=false)",
+    )
     results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     # DDP: only global rank 0 writes model.pt, artifacts and summary.json (ranks writing one file
     # at once can corrupt it); the other ranks receive the same summary from rank 0.
@@ -234,6 +211,18 @@ def run_stage(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
         # Without this, gloo processes sometimes abort at exit (platform notes: 2 of 19 runs).
         torch.distributed.destroy_process_group()
     return summary
+
+
+def keep_earlier_metrics(out_dir: Path) -> None:
+    """Lightning's CSVLogger deletes an existing logs/metrics.csv when a new run starts in the
+    same directory; a resumed run first renames it to metrics.before-resume-<n>.csv."""
+    metrics = out_dir / "logs" / "metrics.csv"
+    if not metrics.is_file():
+        return
+    n = 1
+    while (target := metrics.with_name(f"metrics.before-resume-{n}.csv")).exists():
+        n += 1
+    os.replace(metrics, target)
 
 
 def log_statistics(logger: Any, summary: dict[str, Any], out_dir: Path) -> None:
@@ -274,7 +263,9 @@ def build_summary(
 ) -> dict[str, Any]:
     model_file = out_dir / MODEL_FILE
     # The student alone, weights of the best checkpoint: what a user deploys, and what "size" means.
-    torch.save(module.deployable_state_dict(), model_file)
+    buffer = io.BytesIO()
+    torch.save(module.deployable_state_dict(), buffer)
+    write_bytes_atomic(model_file, buffer.getvalue())
     artifacts = module.write_artifacts(out_dir)
     return {
         **artifacts,

@@ -68,6 +68,7 @@ Hinton KD (Hinton et al. 2015; as used by TAKD, Mirzadeh et al. AAAI 2020)
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -347,10 +348,15 @@ def _check_nst_options(
         raise ValueError(f"form='spatial' needs degree=2, got degree={degree}")
     if not isinstance(c, (int, float)) or isinstance(c, bool):
         raise ValueError(f"NST poly c must be a number, got {c!r}")
+    if not (math.isfinite(c) and c >= 0):
+        # (x.y + c)^d is a positive semi-definite kernel only for c >= 0
+        raise ValueError(f"NST poly c must be a finite number >= 0, got {c!r}")
     if sigma2 is not None and (
         isinstance(sigma2, bool) or not isinstance(sigma2, (int, float)) or not sigma2 > 0
     ):
         raise ValueError(f"NST gaussian sigma2 must be None or a number > 0, got {sigma2!r}")
+    if sigma2 is not None and not math.isfinite(sigma2):
+        raise ValueError(f"NST gaussian sigma2 must be None or a finite number, got {sigma2!r}")
 
 
 def nst_mmd2(
@@ -475,6 +481,8 @@ class KDLoss(nn.Module):
             raise ValueError(f"KD temperature must be a number > 0, got {temperature!r}")
         if not temperature > 0:
             raise ValueError(f"KD temperature must be > 0, got {temperature!r}")
+        if not math.isfinite(temperature):
+            raise ValueError(f"KD temperature must be a finite number, got {temperature!r}")
         if reduction not in ("batchmean", "mean"):
             raise ValueError(f"unknown KD reduction {reduction!r}; valid: batchmean, mean")
         self.temperature = float(temperature)

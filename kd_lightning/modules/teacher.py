@@ -28,13 +28,17 @@ def resolve_teacher_checkpoint(source: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"teacher {path} does not exist; expected a run dir, .ckpt or .pt")
     if path.name.endswith(".json"):
+        summary_file = path
         try:
             summary = json.loads(path.read_text())
             path = Path(summary["best_checkpoint"])
         except (json.JSONDecodeError, KeyError) as err:
             raise ValueError(f"{path} is not a kd_lightning summary (no best_checkpoint)") from err
         if not path.is_file():
-            raise FileNotFoundError(f"teacher checkpoint {path} named in summary.json is missing")
+            raise FileNotFoundError(
+                f"teacher checkpoint {path} named in {summary_file} is missing; restore it, or "
+                f"retrain the teacher (move {summary_file.parent} away and rerun its command)"
+            )
     return path
 
 
@@ -65,8 +69,11 @@ def load_teacher(
         ckpt_classes = int(hparams["num_classes"])
         state = checkpoint["state_dict"]
     except Exception as err:
+        reason = str(err).splitlines()[0] if str(err) else ""
         raise ValueError(
-            f"cannot read teacher checkpoint {path}: {type(err).__name__}: {err}"
+            f"cannot read teacher checkpoint {path}: {type(err).__name__}: {reason}; expected a "
+            "Lightning checkpoint of a finished kd_lightning run (a truncated or partial copy? "
+            "copy it again, or retrain the teacher)"
         ) from err
     if ckpt_classes != num_classes:
         raise ValueError(

@@ -5,21 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
-from tests.cli import ROOT, TINY, run_cli
-
-# Wired in by conf/config.yaml's defaults (`- callbacks/default`) and run.py's build_callbacks
-# call; until both are in, the test says so and skips.
-RUN_WIRED = "callbacks/default" in (ROOT / "conf" / "config.yaml").read_text() and (
-    "build_callbacks" in (ROOT / "kd_lightning" / "run.py").read_text()
-)
+from tests.cli import TINY, run_cli
 
 
-@pytest.mark.skipif(
-    not RUN_WIRED, reason="conf/config.yaml or run.py does not use conf/callbacks yet"
-)
 def test_tiny_run_with_early_stopping(tmp_path: Path, shared_npz: Path) -> None:
     run_dir = tmp_path / "run"
     # min_delta 1.0: AUROC can never improve by a whole point, so patience 1 stops after epoch 2.

@@ -15,7 +15,6 @@ from kd_lightning.callbacks import EpochTimer, build_callbacks
 PROJECT = Path(__file__).resolve().parents[2]
 # The group is wired in by conf/config.yaml's defaults (`- callbacks/default`); until it is, the
 # tests that need it say so and skip.
-WIRED = "callbacks/default" in (PROJECT / "conf" / "config.yaml").read_text()
 
 
 def _compose(*overrides: str):
@@ -23,7 +22,6 @@ def _compose(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-@pytest.mark.skipif(not WIRED, reason="conf/config.yaml has no `- callbacks/default` yet")
 def test_default_group_builds_the_checkpoint_and_the_timer(tmp_path: Path) -> None:
     cfg = _compose("checkpoint.monitor=val/acc")
     assert list(cfg.callbacks) == ["model_checkpoint", "epoch_timer"]
@@ -35,7 +33,6 @@ def test_default_group_builds_the_checkpoint_and_the_timer(tmp_path: Path) -> No
     assert checkpoint.filename == "best-{epoch:03d}"
 
 
-@pytest.mark.skipif(not WIRED, reason="conf/config.yaml has no `- callbacks/default` yet")
 def test_optional_callbacks_are_added_and_configured(tmp_path: Path) -> None:
     cfg = _compose(
         "+callbacks=[early_stopping,lr_monitor]",

@@ -76,7 +76,7 @@ CASES = [
     ("linear", {}),
     ("poly", {}),
     ("poly", {"c": 0.5}),
-    ("poly", {"degree": 3, "c": -0.25}),
+    ("poly", {"degree": 3, "c": 0.25}),
     ("poly", {"degree": 1, "c": 2.0}),
     ("gaussian", {}),
     ("gaussian", {"sigma2": 0.3}),
