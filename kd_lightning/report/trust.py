@@ -14,7 +14,8 @@ Tests used (all in kd_lightning.report.statistics, whose docstrings state their 
 - across seeds: a one-sample t-test of the per-seed differences against 0 (the question "does
   the method beat Base over training randomness, on this test set"); with one seed, the
   per-seed test. Holm's step-down correction over the methods compared to Base gives the
-  verdict: better / not distinguishable / worse at 5%.
+  verdict: better / not distinguishable / worse at 5% (one family per study-axis value, e.g. per
+  label fraction, since each value has its own Base).
 """
 
 from __future__ import annotations
@@ -175,14 +176,26 @@ def paired_against_base(
                 "acc": _combined([p["acc"] for p in per_seed]),
             }
         )
-    for metric in ("auroc", "acc"):
-        adjusted = st.holm([r[metric]["p"] for r in results])
-        for result, p_adj in zip(results, adjusted, strict=True):
-            result[metric]["p_holm"] = p_adj
-            result[metric]["verdict"] = (
-                st.verdict(result[metric]["mean"], p_adj) if p_adj is not None else "—"
-            )
+    apply_holm(results)
     return results, notes
+
+
+def apply_holm(results: Sequence[dict[str, Any]]) -> None:
+    """Holm over the methods compared with the same Base: one family per study-axis value (e.g.
+    each label fraction has its own Base and its own family), so the correction counts the
+    methods compared, not methods x axis values. Adds `p_holm` and `verdict` per metric."""
+    families: dict[tuple, list[dict[str, Any]]] = {}
+    for result in results:
+        key = tuple(sorted((result.get("variant") or {}).items()))
+        families.setdefault(key, []).append(result)
+    for family in families.values():
+        for metric in ("auroc", "acc"):
+            adjusted = st.holm([r[metric]["p"] for r in family])
+            for result, p_adj in zip(family, adjusted, strict=True):
+                result[metric]["p_holm"] = p_adj
+                result[metric]["verdict"] = (
+                    st.verdict(result[metric]["mean"], p_adj) if p_adj is not None else "—"
+                )
 
 
 def _paired_seed(

@@ -141,8 +141,8 @@ def _paired_markdown(paired: Sequence[dict[str, Any]], md_table: Any) -> list[st
         "validation) by McNemar's exact test with a paired-bootstrap 95% interval. Across "
         "seeds: mean Δ with a Student-t 95% interval, the seeds where the method beats Base, "
         "and a one-sample t-test of the per-seed Δ (with one seed, that seed's test); p Holm: "
-        "Holm-adjusted over the methods compared; verdict at 5% after Holm. Differences in "
-        "percentage points.",
+        "Holm-adjusted over the methods compared with the same Base (per study-axis value); "
+        "verdict at 5% after Holm. Differences in percentage points.",
         "",
     ]
     for metric, title in (("auroc", "AUROC"), ("acc", "ACC at the Youden threshold")):

@@ -201,3 +201,31 @@ def test_report_cli_bad_options_are_one_line(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
+
+
+def test_holm_counts_the_methods_compared_per_axis_value_not_every_row() -> None:
+    """Two label fractions, two methods each: Holm multiplies by 2 (methods per fraction), not 4."""
+
+    def result(method: str, fraction: float, p: float) -> dict:
+        combined = {"mean": 0.05, "p": p}
+        return {
+            "method": method,
+            "variant": {"labeled_fraction": fraction},
+            "auroc": dict(combined),
+            "acc": dict(combined),
+        }
+
+    results = [
+        result("kd", 0.01, 0.01),
+        result("nst", 0.01, 0.30),
+        result("kd", 1.0, 0.02),
+        result("nst", 1.0, 0.04),
+    ]
+    trust.apply_holm(results)
+    assert [r["auroc"]["p_holm"] for r in results] == pytest.approx([0.02, 0.30, 0.04, 0.04])
+    assert [r["auroc"]["verdict"] for r in results] == [
+        "better",
+        "not distinguishable",
+        "better",
+        "better",
+    ]
