@@ -241,7 +241,7 @@ def log_statistics(logger: Any, summary: dict[str, Any], out_dir: Path) -> None:
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
     logger.experiment.summary.update(flat)
-    run = {"dir": out_dir, "seed": summary["seed"]}
+    run = {"dir": out_dir, "seed": summary["seed"], "summary": summary}
     trust.attach_predictions([run], {})
     run["stats"] = stats  # the run's own settings (attach_predictions used the defaults)
     row = {"method": summary["name"], "config": "", "runs": [run]}

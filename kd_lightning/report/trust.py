@@ -41,6 +41,12 @@ def attach_predictions(runs: Sequence[dict[str, Any]], evaluation: dict[str, Any
     predictions files; returns notes for the runs that have none."""
     notes = []
     missing = []
+    settings = {
+        "target_sensitivity": float(evaluation.get("target_sensitivity", 0.95)),
+        "n_resamples": int(evaluation.get("bootstrap_resamples", 2000)),
+        "seed": int(evaluation.get("bootstrap_seed", 0)),
+        "n_bins": int(evaluation.get("calibration_bins", 15)),
+    }
     for run in runs:
         run_dir = Path(run["dir"])
         if not has_predictions(run_dir):
@@ -52,15 +58,8 @@ def attach_predictions(runs: Sequence[dict[str, Any]], evaluation: dict[str, Any
         except ArtifactError as err:
             raise ReportError(str(err)) from err
         run["predictions"] = {"val": val, "test": test}
-        run["stats"] = st.run_statistics(
-            val.label,
-            val.logits,
-            test.label,
-            test.logits,
-            target_sensitivity=float(evaluation.get("target_sensitivity", 0.95)),
-            n_resamples=int(evaluation.get("bootstrap_resamples", 2000)),
-            seed=int(evaluation.get("bootstrap_seed", 0)),
-            n_bins=int(evaluation.get("calibration_bins", 15)),
+        run["stats"] = _stored_statistics(run, settings) or st.run_statistics(
+            val.label, val.logits, test.label, test.logits, **settings
         )
     if missing:
         shown = ", ".join(str(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
@@ -70,6 +69,18 @@ def attach_predictions(runs: Sequence[dict[str, Any]], evaluation: dict[str, Any
             "trains nothing for finished runs)"
         )
     return notes
+
+
+def _stored_statistics(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any] | None:
+    """summary.json's statistics when they were computed with these settings: the run computed
+    them from the same predictions (float64 from the files' exact values), so recomputing the
+    2000-resample bootstrap of every run for every report is work done twice."""
+    stored = (run.get("summary") or {}).get("statistics")
+    if not isinstance(stored, dict):
+        return None
+    if any(stored.get(key) != value for key, value in settings.items()):
+        return None
+    return stored
 
 
 def threshold_names(runs: Sequence[dict[str, Any]]) -> list[str]:

@@ -229,3 +229,23 @@ def test_holm_counts_the_methods_compared_per_axis_value_not_every_row() -> None
         "better",
         "better",
     ]
+
+
+def test_stored_statistics_are_reused_only_when_computed_with_the_same_settings(
+    study: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(study / "seed0" / "strong", run_dir)
+    fresh = report.collect_runs([run_dir])
+    trust.attach_predictions(fresh, {"bootstrap_resamples": 300})
+    stored = json.loads(json.dumps(fresh[0]["stats"]))
+    assert stored["n_resamples"] == 300
+    stored["thresholds"]["youden"] = 0.123  # a marker: reused statistics keep it
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "statistics": stored}))
+    same, other = report.collect_runs([run_dir]), report.collect_runs([run_dir])
+    trust.attach_predictions(same, {"bootstrap_resamples": 300})
+    trust.attach_predictions(other, {"bootstrap_resamples": 400})
+    assert same[0]["stats"]["thresholds"]["youden"] == 0.123
+    assert other[0]["stats"]["thresholds"]["youden"] == fresh[0]["stats"]["thresholds"]["youden"]
+    assert other[0]["stats"]["n_resamples"] == 400
