@@ -10,6 +10,8 @@ A stage run directory holds:
     checkpoints/            best-*.ckpt and last.ckpt (Lightning)
     predictions/val.csv     per-image predictions of the best checkpoint on validation
     predictions/test.csv    ... and on test
+    epoch_test.json         test AUROC / ACC after every epoch (+callbacks=epoch_test; convergence
+                            only, never used to pick a checkpoint)
     export/                 ONNX files and the export report (python -m kd_lightning.export)
 
 A study (chain) directory holds chain.json, one directory per step, and the report's files.
@@ -39,6 +41,7 @@ LAST_CHECKPOINT = "last.ckpt"
 PREDICTIONS_DIR = "predictions"
 PREDICTION_SPLITS = ("val", "test")
 EXPORT_DIR = "export"
+EPOCH_TEST_FILE = "epoch_test.json"
 
 
 class ArtifactError(ValueError):

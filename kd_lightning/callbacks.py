@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -94,3 +95,58 @@ def _required(built: dict[str, Callback], key: str, kind: type, why: str) -> Any
             f"{why}; conf/callbacks/{key}.yaml)"
         )
     return callback
+
+
+class EpochTestEvaluation(Callback):
+    """Test AUROC and accuracy after every training epoch, for convergence curves (the paper's
+    Figures 3 and 4 claim faster convergence). A per-epoch pass over the test split in eval
+    mode, float32, under no_grad; the values go to `<run dir>/epoch_test.json` (rewritten
+    atomically each epoch, so a resumed run keeps the epochs before its interruption) and to the
+    logger as `epoch_test/auroc`, `epoch_test/acc`. Never read by checkpointing or early
+    stopping, which monitor validation only: the test set does not choose the model.
+
+    Accuracy is at the argmax (0.5 for two classes): a per-epoch threshold would need its own
+    validation pass. The global RNG state is saved and restored around the pass, so training
+    draws the same random numbers with or without this callback.
+    """
+
+    def __init__(self, run_dir: str | None = None) -> None:
+        self.run_dir = run_dir
+        self.history: list[dict[str, float]] = []
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        from kd_lightning.artifacts import EPOCH_TEST_FILE, read_json
+
+        path = Path(self.run_dir or trainer.default_root_dir) / EPOCH_TEST_FILE
+        self.path = path
+        earlier = read_json(path, "a list of per-epoch test metrics") if path.is_file() else []
+        # A resumed run starts at trainer.current_epoch; later rows were from epochs redone now.
+        self.history = [row for row in earlier if row["epoch"] < trainer.current_epoch]
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        from kd_lightning.artifacts import write_json_atomic
+        from kd_lightning.modules.metrics import StageMetrics
+
+        datamodule = trainer.datamodule
+        datamodule.setup("test")
+        metrics = StageMetrics("epoch_test", int(datamodule.num_classes))
+        was_training = module.training
+        module.eval()
+        clear = getattr(module, "clear_features", None)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for batch in datamodule.test_dataloader():
+                images, targets = batch[0].to(module.device), batch[1].to(module.device)
+                metrics.update(module(images).float().cpu(), targets.cpu())
+                if clear is not None:
+                    clear()
+        module.train(was_training)
+        values = metrics.compute()
+        row = {
+            "epoch": int(trainer.current_epoch),
+            "auroc": values["epoch_test/auroc"],
+            "acc": values["epoch_test/acc"],
+        }
+        self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
+        if trainer.is_global_zero:
+            write_json_atomic(self.path, self.history)
+        module.log_dict({"epoch_test/auroc": row["auroc"], "epoch_test/acc": row["acc"]})

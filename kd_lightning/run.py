@@ -17,11 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.artifacts import (
     CHECKPOINT_DIR,
+    EPOCH_TEST_FILE,
     LAST_CHECKPOINT,
     MODEL_FILE,
     RUN_CONFIG_FILE,
     SUMMARY_FILE,
     has_predictions,
+    read_json,
     read_summary,
     summary_path,
     write_bytes_atomic,
@@ -203,6 +205,9 @@ def _run_stage(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                 "best_val": {cfg.checkpoint.monitor: _as_float(checkpoint.best_model_score)},
             }
         )
+        epoch_test = out_dir / EPOCH_TEST_FILE  # +callbacks=epoch_test (convergence curves)
+        if epoch_test.is_file():
+            summary["epoch_test"] = read_json(epoch_test, "per-epoch test metrics")
         write_json_atomic(summary_path(out_dir), summary)
         print_summary(summary)
         log_statistics(logger, summary, out_dir)

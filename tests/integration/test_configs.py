@@ -82,30 +82,51 @@ def test_stage_and_chain_experiments_are_all_covered() -> None:
 
 def test_methods_cpu_compares_methods_on_equal_terms() -> None:
     steps = plan_steps(_compose(["+experiment=methods_cpu"]))
-    students = {}
+    students: dict[str, list[tuple[int, float]]] = {}
     for step in steps:
         if step["name"] == "teacher":
             continue
         teacher = ["module.teacher=/x"] if step["teacher_step"] else []
         cfg = _compose(["+experiment=methods_cpu", *step["overrides"], *teacher])
-        students.setdefault(step["name"], []).append(step["seed"])
-        assert cfg.model.arch == "resnet18" and cfg.data.image_size == 64, step["name"]
-        assert cfg.trainer.max_epochs == 4 and cfg.data.class_weighting, step["name"]
-        assert cfg.optimizer._target_.endswith("Adam"), step["name"]
+        name = step["name"].split("[", 1)[0]
+        students.setdefault(name, []).append((step["seed"], cfg.data.labeled_fraction))
+        assert cfg.model.arch == "resnet18" and cfg.data.image_size == 32, name
+        assert cfg.trainer.max_epochs == 6 and cfg.data.class_weighting, name
+        assert cfg.optimizer._target_.endswith("Adam"), name
+        assert "epoch_test" in cfg.callbacks, name
         if step["teacher_step"]:
             nst_weights = [p["weight"] for p in cfg.module.feature_pairs]
             expected = {
-                "nst_linear": ("linear", [50.0], 0.0),
-                "nst_poly": ("poly", [50.0], 0.0),
-                "nst_gaussian": ("gaussian", [50.0], 0.0),
-                "kd": ("poly", [], 16.0),
-                "nst_poly_kd": ("poly", [50.0], 16.0),
-            }[step["name"]]
-            assert (cfg.module.nst.kernel, nst_weights, cfg.module.kd_weight) == expected
-            assert step["teacher_step"] == "teacher"
+                "nst_linear": ("linear", [50.0], 0.0, []),
+                "nst_poly": ("poly", [50.0], 0.0, []),
+                "nst_gaussian": ("gaussian", [50.0], 0.0, []),
+                "kd": ("poly", [], 16.0, []),
+                "nst_poly_kd": ("poly", [50.0], 16.0, []),
+                "fitnets": ("poly", [], 0.0, ["fitnets"]),
+                "at": ("poly", [], 0.0, ["at"]),
+                "dkd": ("poly", [], 0.0, ["dkd"]),
+                "rkd": ("poly", [], 0.0, ["rkd"]),
+                "crd": ("poly", [], 0.0, ["crd"]),
+            }[name]
+            methods = list((cfg.module.get("methods") or {}).keys())
+            assert (cfg.module.nst.kernel, nst_weights, cfg.module.kd_weight, methods) == expected
+            assert cfg.method == name and step["teacher_step"] == "teacher"
+            assert cfg.data.return_index == (name == "crd"), name
     assert students == {
-        name: [0, 1, 2]
-        for name in ("base", "nst_linear", "nst_poly", "nst_gaussian", "kd", "nst_poly_kd")
+        name: [(s, f) for s in (0, 1, 2) for f in (0.03, 1.0)]
+        for name in (
+            "base",
+            "nst_linear",
+            "nst_poly",
+            "nst_gaussian",
+            "kd",
+            "nst_poly_kd",
+            "fitnets",
+            "at",
+            "dkd",
+            "rkd",
+            "crd",
+        )
     }
 
 
