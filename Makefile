@@ -44,6 +44,7 @@ bench: install
 	$(PY) benchmarks/bench_data.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_nst.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_distill.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_methods.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_teacher_pass.py $(BENCH_ARGS)
 
 clean:

@@ -119,9 +119,13 @@ class EpochTestEvaluation(Callback):
 
         path = Path(self.run_dir or trainer.default_root_dir) / EPOCH_TEST_FILE
         self.path = path
-        earlier = read_json(path, "a list of per-epoch test metrics") if path.is_file() else []
-        # A resumed run starts at trainer.current_epoch; later rows were from epochs redone now.
-        self.history = [row for row in earlier if row["epoch"] < trainer.current_epoch]
+        self.history = read_json(path, "a list of per-epoch test metrics") if path.is_file() else []
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # A resumed run starts at trainer.current_epoch; later rows were from epochs redone now (or
+        # from an earlier run into this directory). Not in on_fit_start: Lightning restores the
+        # loops' epoch from the checkpoint after on_fit_start, where current_epoch is still 0.
+        self.history = [row for row in self.history if row["epoch"] < trainer.current_epoch]
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         from kd_lightning.artifacts import write_json_atomic

@@ -1,5 +1,7 @@
 """Study results from finished run directories: `results.md`, `results.csv`, `teachers.csv` and
-`curves.png` (the paper's Table 5.3 and Figures 3-4), or `sweep.md` / `sweep.csv` for a multirun.
+`curves.png` (the paper's Table 5.3 and Figures 3-4), `convergence.png` / `convergence.csv` where
+runs have per-epoch test metrics (+callbacks=epoch_test), or `sweep.md` / `sweep.csv` for a
+multirun.
 
     python -m kd_lightning.report DIR... [--out OUT_DIR] [--metric test/auroc]
     python -m kd_lightning.report MULTIRUN_DIR --sweep [--metric test/auroc]

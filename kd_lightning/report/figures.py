@@ -307,3 +307,58 @@ def _stat(run: dict[str, Any], key: str) -> float:
         return float(test["auroc"]["value"])
     name, metric = key.split("/")
     return float(test[name][metric]["value"])
+
+
+def convergence_figure(entries: Sequence[dict[str, Any]]) -> Figure:
+    """Test AUROC (top) and ACC at argmax (bottom) after every epoch, one column per study-axis
+    value, one line per method: mean over seeds with a Student t 95% band (clipped to [0, 1]).
+    `entries` come from convergence.convergence_rows; the values from the per-epoch test pass,
+    which never picks the model."""
+    import matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = list(dict.fromkeys(e["panel"] for e in entries)) or [()]
+    figure = Figure(figsize=(max(9.0, 4.4 * len(panels) + 1), 7.5), layout="constrained")
+    axes = figure.subplots(2, len(panels), squeeze=False)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = list(dict.fromkeys(e["label"] for e in entries))
+    for col, panel in enumerate(panels):
+        title = " ".join(f"{k}={v}" for k, v in panel) or "all runs"
+        for row, (metric, name) in enumerate((("auroc", "test AUROC"), ("acc", "test ACC"))):
+            ax = axes[row][col]
+            for entry in (e for e in entries if e["panel"] == panel):
+                color = colors[labels.index(entry["label"]) % len(colors)]
+                curve = entry[metric]
+                ax.plot(
+                    entry["epochs"],
+                    curve["mean"],
+                    marker=".",
+                    color=color,
+                    label=f"{entry['label']} (n={entry['n']})",
+                )
+                if entry["n"] > 1:
+                    low = [
+                        m if v is None else max(0.0, v)
+                        for m, v in zip(curve["mean"], curve["low"], strict=True)
+                    ]
+                    high = [
+                        m if v is None else min(1.0, v)
+                        for m, v in zip(curve["mean"], curve["high"], strict=True)
+                    ]
+                    ax.fill_between(
+                        entry["epochs"], low, high, color=color, alpha=0.15, linewidth=0
+                    )
+            ax.set_title(f"{name}, {title}", fontsize=10)
+            ax.set_xlabel("epochs trained")
+            ax.set_ylabel(f"{name} after the epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+    figure.suptitle(
+        "Convergence: per-epoch test pass (EpochTestEvaluation),\nnever used to pick the model; "
+        "mean over seeds, band = 95% t interval; ACC at argmax (0.5)",
+        fontsize=11,
+    )
+    return figure

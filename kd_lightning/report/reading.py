@@ -8,7 +8,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kd_lightning.artifacts import CHAIN_FILE, SUMMARY_FILE, ArtifactError, read_json
+from kd_lightning.artifacts import (
+    CHAIN_FILE,
+    EPOCH_TEST_FILE,
+    SUMMARY_FILE,
+    ArtifactError,
+    read_json,
+    summary_path,
+)
 
 REPLICATE_KEYS = ("seed", "experiment", "name")
 REQUIRED_KEYS = ("method", "role", "test")
@@ -25,7 +32,8 @@ def collect_runs(dirs: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]
     in another place) are included too. Each run is a dict with keys: dir, summary_path, name,
     method, role, seed, arch, parameters, model_file_mb, epochs, seconds_per_epoch, test,
     best_val, overrides (list of Hydra override strings, [] outside a multirun), chain (chain
-    name or None), curves ({"val/loss": {epoch: value}, ...}) and summary (the raw dict).
+    name or None), curves ({"val/loss": {epoch: value}, ...}), epoch_test (per-epoch test
+    metrics, see read_epoch_test; None without them) and summary (the raw dict).
     """
     roots = _existing_dirs(dirs)
     found: dict[Path, str | None] = {}
@@ -131,8 +139,41 @@ def _read_run(path: Path, chain: str | None) -> dict[str, Any]:
         "overrides": read_overrides(run_dir),
         "chain": chain,
         "curves": read_curves(run_dir),
+        "epoch_test": read_epoch_test(run_dir, summary),
         "summary": summary,
     }
+
+
+def read_epoch_test(
+    run_dir: Path, summary: dict[str, Any] | None = None
+) -> dict[int, dict[str, float]] | None:
+    """Test metrics after every epoch from EpochTestEvaluation (`+callbacks=epoch_test`):
+    {epoch (0-based): {"auroc": ..., "acc": ...}}, from summary.json's "epoch_test" list, else
+    `<run dir>/epoch_test.json` (a run still training); None when the run has neither.
+
+    Rows without an integer epoch and a numeric auroc are left out; a later row for an epoch
+    replaces an earlier one (an epoch redone after a resume).
+    """
+    rows = (summary or {}).get("epoch_test")
+    path = run_dir / EPOCH_TEST_FILE
+    if rows is None and path.is_file():
+        rows = _read_json(path, "a list of per-epoch test metrics (EpochTestEvaluation)")
+    if rows is None:
+        return None
+    if not isinstance(rows, list):
+        where = path if (summary or {}).get("epoch_test") is None else summary_path(run_dir)
+        raise ReportError(
+            f"{where}: epoch_test holds a {type(rows).__name__}; expected a list of "
+            "{epoch, auroc, acc} rows written by EpochTestEvaluation"
+        )
+    out: dict[int, dict[str, float]] = {}
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        epoch, values = row.get("epoch"), _numbers(row)
+        if isinstance(epoch, int) and not isinstance(epoch, bool) and "auroc" in values:
+            out[epoch] = {k: values[k] for k in ("auroc", "acc") if k in values}
+    return out or None
 
 
 def _numbers(values: dict[str, Any]) -> dict[str, float]:

@@ -11,11 +11,17 @@ from typing import Any
 
 from kd_lightning.artifacts import write_bytes_atomic
 from kd_lightning.report.aggregate import METRICS, paired_differences, student_rows, teacher_rows
+from kd_lightning.report.convergence import (
+    convergence_csv_rows,
+    convergence_markdown,
+    convergence_rows,
+)
 from kd_lightning.report.figures import (
     AXIS_FIGURES,
     axis_figure,
     calibration_figure,
     confusion_figure,
+    convergence_figure,
     curves_figure,
     png_bytes,
     roc_figure,
@@ -111,7 +117,8 @@ def write_report(
     evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write results.md, results.csv, teachers.csv and curves.png into `out_dir`; where runs
-    have per-image predictions, also paired.csv, roc.png, calibration.png and confusion.png.
+    have per-image predictions, also paired.csv, roc.png, calibration.png and confusion.png;
+    where student runs have per-epoch test metrics (epoch_test), convergence.png/.csv.
 
     Each file replaces an earlier one atomically. `metric` is reported in the summary-level
     paired comparison (runs without predictions) next to ACC and AUROC; `notes` become bullet
@@ -190,8 +197,17 @@ def write_report(
             paths[name] = out / name
             write_bytes_atomic(paths[name], png_bytes(axis_figure(students, axis)))
 
+    convergence = convergence_rows(students)
+    if convergence:
+        paths["convergence.png"] = out / "convergence.png"
+        write_bytes_atomic(paths["convergence.png"], png_bytes(convergence_figure(convergence)))
+        paths["convergence.csv"] = out / "convergence.csv"
+        header, body = convergence_csv_rows(convergence)
+        write_bytes_atomic(paths["convergence.csv"], _csv_bytes(header, body))
+
     all_notes = [*notes, *_duplicate_notes(students + teachers)]
     md = _results_markdown(runs, students, teachers, paired, metric, all_notes, trusted)
+    md += "\n".join(convergence_markdown(convergence, _md_table))
     write_bytes_atomic(paths["results.md"], md.encode())
     return paths
 

@@ -43,5 +43,6 @@ def test_make_bench_quick_prints_every_table() -> None:
         "dense / blocked",  # bench_nst table 3
         "module / hand (step)",  # bench_distill throughput
         "without teacher term",  # bench_distill NST share
+        "share of student-only step",  # bench_methods: each method's share and peak memory
     ):
         assert header in out, f"missing {header!r} in make bench output:\n{out[-3000:]}"
