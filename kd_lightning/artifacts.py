@@ -43,6 +43,33 @@ PREDICTION_SPLITS = ("val", "test")
 EXPORT_DIR = "export"
 EPOCH_TEST_FILE = "epoch_test.json"
 
+# Method labels (summary.json's `method`): the report groups runs by them, puts the paper's in
+# its table order first (PAPER_METHODS) and pairs every student method with BASE_METHOD. A chain
+# step's method must be one of METHODS or the step's own name (kd_lightning.chain.check_method).
+BASE_METHOD = "base"
+PAPER_METHODS = (
+    BASE_METHOD,
+    "nst_linear",
+    "nst_poly",
+    "nst_gaussian",
+    "kd",
+    "nst_poly_kd",
+    "nst_poly_ta",
+)
+METHODS = (
+    "supervised",  # a teacher trained on labels alone
+    *PAPER_METHODS,
+    "nst_poly_ta101",  # NST-poly through one TA of the given depth (ta_size)
+    "nst_poly_ta50",
+    "nst_poly_ta34",
+    "fitnets",
+    "at",
+    "dkd",
+    "rkd",
+    "crd",
+    "quantized_distill",
+)
+
 
 class ArtifactError(ValueError):
     """A run file that is missing or unreadable; the message is one line naming the file."""

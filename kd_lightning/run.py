@@ -328,13 +328,25 @@ def statistics_lines(stats: dict[str, Any] | None) -> list[str]:
         return f"{100 * item['value']:.2f} [{100 * item['low']:.2f}, {100 * item['high']:.2f}]"
 
     test = stats["test"]
-    lines = [
-        f"test AUROC {ci(test['auroc'])} (95% {test['method']}, {test['n_resamples']} resamples)"
-    ]
+    multiclass = stats.get("multiclass")
+    # K > 2: the set's own headline first; the AUROC and thresholds below are then of the binary
+    # collapse class 0 vs rest (score 1 - p(class 0)), and say so.
+    collapse = " (class 0 vs rest)" if multiclass else ""
+    lines = []
+    if multiclass:
+        lines.append(
+            f"test {stats['n_classes']}-class: top-1 ACC {ci(multiclass['acc'])}  macro AUROC "
+            f"{ci(multiclass['auroc_macro'])} (95% {test['method']}, "
+            f"{test['n_resamples']} resamples)"
+        )
+    lines.append(
+        f"test AUROC{collapse} {ci(test['auroc'])} (95% {test['method']}, "
+        f"{test['n_resamples']} resamples)"
+    )
     for name, threshold in stats["thresholds"].items():
         point = test[name]
         lines.append(
-            f"threshold {name} = {threshold:.4f} "
+            f"threshold{collapse} {name} = {threshold:.4f} "
             f"({'fixed' if name == '0.5' else 'from validation'})"
             f": ACC {ci(point['acc'])}  "
             f"sens {ci(point['sensitivity'])}  spec {ci(point['specificity'])}  "

@@ -9,17 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from kd_lightning.artifacts import BASE_METHOD, PAPER_METHODS
+from kd_lightning.report.headline import run_value
 from kd_lightning.report.reading import REPLICATE_KEYS, _override_key
 
-PAPER_ORDER = (
-    "base",
-    "nst_linear",
-    "nst_poly",
-    "nst_gaussian",
-    "kd",
-    "nst_poly_kd",
-    "nst_poly_ta",
-)
+PAPER_ORDER = PAPER_METHODS  # declared once, beside the other method labels the chain checks
 METRICS = ("acc", "auroc", "sensitivity", "specificity", "f1")
 # Two-sided 5% critical values of Student's t for df = 1..30; beyond 30 the df=30 value is used,
 # which is slightly conservative. A table keeps scipy out of a file-reading tool.
@@ -109,15 +103,16 @@ def _aggregate(members: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "model_mb": next((m["model_file_mb"] for m in members if m["model_file_mb"]), None),
     }
     for metric in METRICS:
-        values = [m["test"][f"test/{metric}"] for m in members if f"test/{metric}" in m["test"]]
+        # Value and interval of one statistic (headline.run_value): for K > 2 ACC is top-1 and
+        # AUROC the macro one-vs-rest AUROC, never a binary collapse's interval beside them.
+        picked = [p for p in (run_value(m, metric) for m in members) if p[0] is not None]
+        values = [value for value, _ in picked]
         row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(values)
         row[f"{metric}_low"], row[f"{metric}_high"] = _t_interval(values)
-        if len(values) == 1 and members[0].get("stats"):
+        if len(picked) == 1 and picked[0][1]:
             # One seed: the interval over test images of that run (bootstrap, trust.py).
-            interval = members[0]["stats"]["test"]["auroc" if metric == "auroc" else "0.5"]
-            interval = interval if metric == "auroc" else interval.get(metric)
-            if interval:
-                row[f"{metric}_low"], row[f"{metric}_high"] = interval["low"], interval["high"]
+            interval = picked[0][1]
+            row[f"{metric}_low"], row[f"{metric}_high"] = interval["low"], interval["high"]
     return row
 
 
@@ -141,10 +136,10 @@ def paired_differences(
     seed noise, which on this data is as large as the method effects (platform notes).
     """
     metrics = list(dict.fromkeys(["test/acc", "test/auroc", metric]))
-    bases = [r for r in rows if r["method"] == "base"]
+    bases = [r for r in rows if r["method"] == BASE_METHOD]
     out = []
     for row in rows:
-        if row["method"] == "base" or not bases:
+        if row["method"] == BASE_METHOD or not bases:
             continue
         candidates = base_candidates(row, bases)
         if len(candidates) != 1:

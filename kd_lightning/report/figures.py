@@ -94,10 +94,11 @@ def roc_curve_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray
     return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
 
 
-def roc_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+def roc_figure(rows: Sequence[dict[str, Any]], collapse: str | None = None) -> Figure:
     """Test ROC per method: TPR averaged over seeds on a common FPR grid (vertical averaging),
     with each seed's validation-chosen operating points (Youden's J: circle, target sensitivity:
-    square) placed at their test FPR/TPR, averaged over seeds."""
+    square) placed at their test FPR/TPR, averaged over seeds. `collapse` (K > 2: e.g. "class 0
+    (normal) vs rest") names the binary collapse the curve is of, in the title and legend."""
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -117,7 +118,8 @@ def roc_figure(rows: Sequence[dict[str, Any]]) -> Figure:
             grid,
             np.mean(tprs, axis=0),
             color=color,
-            label=f"{_label(row, len(runs))} AUROC {100 * auroc:.2f}",
+            label=f"{_label(row, len(runs))} AUROC{f' ({collapse})' if collapse else ''} "
+            f"{100 * auroc:.2f}",
         )
         for name, marker in (("youden", "o"), (_sens_key(runs[0]), "s")):
             if name is None:
@@ -138,7 +140,8 @@ def roc_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     ax.set_xlabel("1 - specificity (false positive rate)")
     ax.set_ylabel("sensitivity (true positive rate)")
     ax.set_title(
-        "Test ROC, mean over seeds\n● Youden, ■ target sensitivity (thresholds chosen on val)",
+        f"Test ROC{f' of {collapse}' if collapse else ''}, mean over seeds\n"
+        "● Youden, ■ target sensitivity (thresholds chosen on val)",
         fontsize=10,
     )
     ax.set_xlim(0, 1)
@@ -195,15 +198,19 @@ def calibration_figure(rows: Sequence[dict[str, Any]], n_bins: int = 15) -> Figu
     return figure
 
 
-def confusion_figure(rows: Sequence[dict[str, Any]], threshold: str = "youden") -> Figure:
+def confusion_figure(
+    rows: Sequence[dict[str, Any]], threshold: str = "youden", collapse: str | None = None
+) -> Figure:
     """Test confusion matrix per method at the validation-chosen `threshold`, counts averaged
-    over seeds (rows: true class, columns: predicted; pneumonia = score > threshold)."""
+    over seeds (rows: true class, columns: predicted; pneumonia = score > threshold). K > 2:
+    `collapse` (e.g. "class 0 (normal) vs rest") names the 2x2 matrix's binary collapse."""
     items = _with_predictions(rows)
     figure, axes = _panels(max(1, len(items)), width=3.0)
     figure.suptitle(
-        f"Test confusion at the {threshold} threshold chosen on validation, mean over seeds"
+        f"Test confusion{f' of {collapse}' if collapse else ''} at the {threshold} threshold "
+        "chosen on validation, mean over seeds"
     )
-    names = ("normal", "pneumonia")
+    names = ("class 0", "rest") if collapse else ("normal", "pneumonia")
     for ax, (row, runs) in zip(axes, items, strict=False):
         matrices = []
         for run in runs:
@@ -254,7 +261,7 @@ def study_axes(rows: Sequence[dict[str, Any]]) -> list[str]:
 def axis_figure(rows: Sequence[dict[str, Any]], axis: str) -> Figure:
     """Test AUROC and test ACC at the validation-chosen Youden threshold against a study axis
     (log x for label fractions), one line per method: mean over seeds with a Student-t 95%
-    band (clipped to [0, 1])."""
+    band (clipped to [0, 1]). K > 2: the macro one-vs-rest AUROC and the top-1 ACC instead."""
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -264,7 +271,12 @@ def axis_figure(rows: Sequence[dict[str, Any]], axis: str) -> Figure:
     axes = figure.subplots(1, 2)
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    panels = (("auroc", "test AUROC"), ("youden/acc", "test ACC at the Youden threshold (val)"))
+    multi = any((run.get("stats") or {}).get("multiclass") for row in rows for run in row["runs"])
+    panels = (
+        (("auroc", "test macro AUROC (one-vs-rest)"), ("acc", "test top-1 ACC"))
+        if multi
+        else (("auroc", "test AUROC"), ("youden/acc", "test ACC at the Youden threshold (val)"))
+    )
     for index, method in enumerate(methods):
         points = sorted(
             (float(axis_values(r, axis)), r)
@@ -302,7 +314,9 @@ def axis_figure(rows: Sequence[dict[str, Any]], axis: str) -> Figure:
 
 
 def _stat(run: dict[str, Any], key: str) -> float:
-    test = run["stats"]["test"]
+    test, multiclass = run["stats"]["test"], run["stats"].get("multiclass")
+    if multiclass and key in ("auroc", "acc"):  # K > 2: the headline metrics
+        return float(multiclass["auroc_macro" if key == "auroc" else "acc"]["value"])
     if key == "auroc":
         return float(test["auroc"]["value"])
     name, metric = key.split("/")

@@ -27,6 +27,7 @@ from kd_lightning.report.figures import (
     roc_figure,
     study_axes,
 )
+from kd_lightning.report.headline import collapse_label, run_classes, study_classes
 from kd_lightning.report.reading import ReportError
 from kd_lightning.report.trust import attach_predictions, paired_against_base, threshold_names
 from kd_lightning.report.trust_tables import (
@@ -51,6 +52,37 @@ METRIC_LINE = (
     "score; sensitivity = TP/(TP+FN) (pneumonia recall); specificity = TN/(TN+FP) (normal "
     "recall); F1 = 2TP/(2TP+FP+FN)."
 )
+
+
+def metric_titles(k: int, collapse: str) -> dict[str, str]:
+    """Column titles of METRICS for a study of K classes (headline.py says what each is)."""
+    if k <= 2:
+        return dict(METRIC_TITLES)
+    return {
+        "acc": "ACC top-1",
+        "auroc": "AUROC macro OvR",
+        "sensitivity": f"sensitivity, {collapse}",
+        "specificity": f"specificity, {collapse}",
+        "f1": "F1 macro",
+    }
+
+
+def metric_line(k: int, collapse: str) -> str:
+    """The paragraph defining the Students table's columns for a study of K classes."""
+    if k <= 2:
+        return METRIC_LINE
+    return (
+        f"Test-set metrics in %, {k} classes, mean ± sample std over seeds [95% interval: "
+        "Student t over seeds; with one seed, a class-stratified bootstrap over the test images "
+        "of that same statistic; clipped to [0, 100]]: ACC top-1 = share of test images whose "
+        "argmax class is the true class; AUROC macro OvR = mean over the classes of the "
+        "one-vs-rest AUROC of p(class k) (medmnist.Evaluator's AUC); F1 macro = mean over "
+        "classes of the F1 at argmax (torchmetrics; no per-run interval, so with one seed none "
+        f"is shown); sensitivity and specificity are of the binary collapse {collapse}: score "
+        "1 - p(class 0) at threshold 0.5, sensitivity = recall of the other classes taken "
+        "together, specificity = recall of class 0 (the operating-point tables below use the "
+        "same collapse)."
+    )
 
 
 def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
@@ -133,9 +165,18 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     notes = [*notes, *attach_predictions(runs, evaluation)]
     students, teachers = student_rows(runs), teacher_rows(runs)
+    k, collapse = study_classes(runs), collapse_label(runs)
+    if k > 2 and metric == "test/auroc":
+        metric = "test/auroc_macro"  # the set's own AUROC; test/auroc is the class 0 collapse
     paired = paired_differences(students, metric)
     trusted, trust_notes = paired_against_base(students, evaluation)
     notes += trust_notes
+    ks = sorted({run_classes(r) or 2 for r in runs})
+    if len(ks) > 1:
+        notes.append(
+            f"the runs have different numbers of classes ({ks}): the tables are labelled for "
+            f"{k}; rows of the other runs are not comparable with them"
+        )
     paths = {name: out / name for name in ("results.csv", "teachers.csv", "results.md")}
 
     stat_cols = [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "low", "high")]
@@ -186,9 +227,9 @@ def write_report(
         write_bytes_atomic(paths["paired.csv"], _csv_bytes(header, body))
         bins = int(evaluation.get("calibration_bins", 15))
         for name, figure in (
-            ("roc.png", roc_figure(students)),
+            ("roc.png", roc_figure(students, collapse if k > 2 else None)),
             ("calibration.png", calibration_figure(students, n_bins=bins)),
-            ("confusion.png", confusion_figure(students)),
+            ("confusion.png", confusion_figure(students, collapse=collapse if k > 2 else None)),
         ):
             paths[name] = out / name
             write_bytes_atomic(paths[name], png_bytes(figure))
@@ -206,7 +247,9 @@ def write_report(
         write_bytes_atomic(paths["convergence.csv"], _csv_bytes(header, body))
 
     all_notes = [*notes, *_duplicate_notes(students + teachers)]
-    md = _results_markdown(runs, students, teachers, paired, metric, all_notes, trusted)
+    md = _results_markdown(
+        runs, students, teachers, paired, metric, all_notes, trusted, k=k, collapse=collapse
+    )
     md += "\n".join(convergence_markdown(convergence, _md_table))
     write_bytes_atomic(paths["results.md"], md.encode())
     return paths
@@ -234,7 +277,10 @@ def _results_markdown(
     metric: str,
     notes: Sequence[str],
     trusted: Sequence[dict[str, Any]] = (),
+    k: int = 2,
+    collapse: str = "class 0 vs rest",
 ) -> str:
+    titles = metric_titles(k, collapse)
     n_students = sum(r["role"] == "student" for r in runs)
     lines = [
         "# Study results",
@@ -242,7 +288,7 @@ def _results_markdown(
         f"{len(runs)} finished stage runs ({n_students} student, {len(runs) - n_students} "
         "teacher/TA/other).",
         "",
-        METRIC_LINE,
+        metric_line(k, collapse),
         "",
         "## Students",
         "",
@@ -250,7 +296,7 @@ def _results_markdown(
     with_config = any(r["config"] for r in students)
     if students:
         header = ["method", *(["config"] if with_config else []), "arch", "n", "seeds"]
-        header += [f"{METRIC_TITLES[m]} (%)" for m in METRICS] + ["params (M)", "size (MB)"]
+        header += [f"{titles[m]} (%)" for m in METRICS] + ["params (M)", "size (MB)"]
         lines += _md_table(
             header,
             (
@@ -266,7 +312,8 @@ def _results_markdown(
     lines += ["", "## Teachers and teaching assistants", ""]
     if teachers:
         lines += _md_table(
-            ["name", "role", "method", "arch", "n", "ACC (%)", "AUROC (%)"]
+            ["name", "role", "method", "arch", "n", f"{titles['acc']} (%)"]
+            + [f"{titles['auroc']} (%)"]
             + ["params (M)", "size (MB)"],
             (
                 [r["name"], r["role"], r["method"], r["arch"], r["n"]]
@@ -277,11 +324,13 @@ def _results_markdown(
         )
     else:
         lines.append("No teacher or TA runs found.")
-    trust = trust_markdown(students, teachers, trusted, threshold_names(runs), _md_table)
+    trust = trust_markdown(
+        students, teachers, trusted, threshold_names(runs), _md_table, k=k, collapse=collapse
+    )
     if trust:
         for axis in study_axes(students):
             name = AXIS_FIGURES.get(axis, f"{axis}.png")
-            trust += axis_markdown(trusted, axis, name, _md_table)
+            trust += axis_markdown(trusted, axis, name, _md_table, k=k)
         lines += trust
     else:  # no predictions files (runs written before them): seed-level differences only
         lines += ["", "## Paired differences against base (same seed)", ""]
@@ -297,7 +346,7 @@ def _results_markdown(
             ]
             names = list(dict.fromkeys(["test/acc", "test/auroc", metric]))
             header = ["method", *(["config"] if with_config else []), "arch", "pairs"]
-            header += [f"Δ {n.removeprefix('test/')} (pp)" for n in names] + [
+            header += [f"Δ {_delta_name(n, k, collapse)} (pp)" for n in names] + [
                 f"t ({short})",
                 "better",
             ]
@@ -321,6 +370,13 @@ def _results_markdown(
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
     lines += ["", "## Validation curves", "", "![validation loss and accuracy](curves.png)", ""]
     return "\n".join(lines)
+
+
+def _delta_name(name: str, k: int, collapse: str) -> str:
+    short = name.removeprefix("test/")
+    if k > 2 and short in ("auroc", "sensitivity", "specificity"):
+        return f"{short} ({collapse})"
+    return "acc (top-1)" if k > 2 and short == "acc" else short
 
 
 def _pp(stats: dict[str, Any]) -> str:

@@ -10,7 +10,9 @@ Tests used (all in kd_lightning.report.statistics, whose docstrings state their 
 - per seed against Base: DeLong's test for the AUROC difference (paired, same images: it uses
   the correlation between the two models' scores, which a bootstrap of each model alone
   ignores) and McNemar's exact test for the ACC difference at the Youden threshold (each model
-  at its own validation-chosen threshold), with a paired-bootstrap 95% interval;
+  at its own validation-chosen threshold), with a paired-bootstrap 95% interval; for K > 2
+  classes the headline metrics' own tests instead: a paired class-stratified bootstrap of the
+  macro one-vs-rest AUROC difference, and McNemar's exact test on top-1 (argmax) correctness;
 - across seeds: a one-sample t-test of the per-seed differences against 0 (the question "does
   the method beat Base over training randomness, on this test set"); with one seed, the
   per-seed test. Holm's step-down correction over the methods compared to Base gives the
@@ -100,9 +102,17 @@ def threshold_title(name: str) -> str:
 
 
 def flat_stats(stats: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """{"auroc": {value, low, high}, "youden/acc": {...}, "ece": {value}, ...} of one run."""
+    """{"auroc": {value, low, high}, "youden/acc": {...}, "ece": {value}, ...} of one run.
+
+    "auroc" is the headline AUROC: of the positive score for K = 2, the macro one-vs-rest AUROC
+    for K > 2, where "acc" is the top-1 accuracy and "binary_auroc" the AUROC of the class 0 vs
+    rest collapse that the threshold metrics ("0.5/acc", ...) are of."""
     test = stats["test"]
-    flat = {"auroc": test["auroc"]}
+    multi = stats.get("multiclass")
+    if multi:
+        flat = {"auroc": multi["auroc_macro"], "acc": multi["acc"], "binary_auroc": test["auroc"]}
+    else:
+        flat = {"auroc": test["auroc"]}
     for name in stats["thresholds"]:
         for metric, interval in test[name].items():
             flat[f"{name}/{metric}"] = interval
@@ -213,6 +223,8 @@ def _paired_seed(
     run: dict[str, Any], ref: dict[str, Any], n_resamples: int, seed: int
 ) -> dict[str, Any]:
     ours, theirs = run["predictions"]["test"], ref["predictions"]["test"]
+    if ours.num_classes > 2:
+        return _paired_seed_multiclass(run, ours, theirs, n_resamples, seed)
     labels = (ours.label != 0).astype(np.int64)
     delong = st.delong_test(labels, ours.positive_score, theirs.positive_score)
     t_ours = run["stats"]["thresholds"]["youden"]
@@ -238,6 +250,40 @@ def _paired_seed(
             "high": boot["high"],
             "p": mcnemar["p"],
             "test": "McNemar exact (paired-bootstrap interval)",
+        },
+    }
+
+
+def _paired_seed_multiclass(
+    run: dict[str, Any], ours: Predictions, theirs: Predictions, n_resamples: int, seed: int
+) -> dict[str, Any]:
+    """K > 2: the headline metrics' own paired tests. Δ macro one-vs-rest AUROC by a paired
+    class-stratified bootstrap over the same images (interval and p; DeLong covers one binary
+    AUROC, not a mean of K correlated ones), Δ top-1 ACC by McNemar's exact test on argmax
+    correctness with a paired-bootstrap interval."""
+    boot_auc = st.paired_bootstrap_macro_auroc(
+        ours.label, ours.probs, theirs.probs, n_resamples=n_resamples, seed=seed
+    )
+    pred_ours, pred_theirs = ours.probs.argmax(axis=1), theirs.probs.argmax(axis=1)
+    mcnemar = st.mcnemar_test(ours.label, pred_ours, pred_theirs)
+    boot_acc = st.paired_bootstrap_accuracy(
+        ours.label, pred_ours, pred_theirs, n_resamples=n_resamples, seed=seed
+    )
+    return {
+        "seed": run["seed"],
+        "auroc": {
+            "diff": boot_auc["diff"],
+            "low": boot_auc["low"],
+            "high": boot_auc["high"],
+            "p": boot_auc["p"],
+            "test": "paired bootstrap (macro AUROC)",
+        },
+        "acc": {
+            "diff": mcnemar["diff"],
+            "low": boot_acc["low"],
+            "high": boot_acc["high"],
+            "p": mcnemar["p"],
+            "test": "McNemar exact on top-1 (paired-bootstrap interval)",
         },
     }
 

@@ -46,25 +46,39 @@ def trust_markdown(
     paired: Sequence[dict[str, Any]],
     thresholds: Sequence[str],
     md_table: Any,
+    k: int = 2,
+    collapse: str = "class 0 vs rest",
 ) -> list[str]:
-    """The sections added when predictions exist (md_table: tables._md_table)."""
+    """The sections added when predictions exist (md_table: tables._md_table). For K > 2 the
+    operating points are of the binary collapse `collapse` (score 1 - p(class 0)), so titled,
+    and the AUROC and paired tests are the macro one-vs-rest AUROC's and top-1 ACC's."""
     rows = [r for r in [*students, *teachers] if any(run.get("stats") for run in r["runs"])]
     if not rows:
         return []
     summaries = {id(r): method_summary(r) for r in rows}
+    multi = k > 2
     lines = [
         "",
-        "## Operating points chosen on validation, applied to test",
+        "## Operating points chosen on validation, applied to test"
+        + (f" ({collapse})" if multi else ""),
         "",
         "Each run picks its thresholds on its validation predictions only (never on test): "
         "Youden's J (max sensitivity + specificity - 1) and the highest threshold reaching the "
         "target sensitivity; 0.5 is shown for reference. Cells: mean ± std [95% interval] in %, "
         "over seeds (Student t), or over test images (stratified bootstrap) for one run.",
     ]
+    if multi:
+        lines[-1] += (
+            f" {k} classes: every number in these tables is of the binary collapse {collapse} "
+            "(score 1 - p(class 0); positive = any class but 0): sens = recall of the other "
+            "classes taken together, spec = recall of class 0, ACC (2-class) = accuracy of that "
+            "2-class decision, not the top-1 accuracy of the Students table."
+        )
+    titles = {**POINT_TITLES, "acc": "ACC (2-class)"} if multi else POINT_TITLES
     for name in thresholds:
         lines += ["", f"### Threshold: {threshold_title(name)}", ""]
         header = ["model", "role", "n", "threshold (mean)"]
-        header += [f"{POINT_TITLES[m]} (%)" for m in POINT_METRICS]
+        header += [f"{titles[m]} (%)" for m in POINT_METRICS]
         body = []
         for row in rows:
             summary = summaries[id(row)]
@@ -95,12 +109,14 @@ def trust_markdown(
             for r in rows
         ),
     )
-    lines += _paired_markdown(paired, md_table)
-    lines += ["", "## Per-run test AUROC (%, stratified bootstrap 95% interval over images)", ""]
+    lines += _paired_markdown(paired, md_table, k)
+    what = "macro one-vs-rest AUROC" if multi else "AUROC"
+    lines += ["", f"## Per-run test {what} (%, stratified bootstrap 95% interval over images)", ""]
     body = []
     for row in rows:
         for run in sorted((r for r in row["runs"] if r.get("stats")), key=lambda r: str(r["seed"])):
-            auroc = run["stats"]["test"]["auroc"]
+            multiclass = run["stats"].get("multiclass")
+            auroc = multiclass["auroc_macro"] if multiclass else run["stats"]["test"]["auroc"]
             body.append(
                 [
                     _name(row),
@@ -109,16 +125,20 @@ def trust_markdown(
                     f"[{100 * auroc['low']:.2f}, {100 * auroc['high']:.2f}]",
                 ]
             )
-    lines += md_table(["model", "seed", "AUROC", "95% interval"], body)
+    lines += md_table(
+        ["model", "seed", "AUROC macro OvR" if multi else "AUROC", "95% interval"], body
+    )
     lines += [
         "",
         "## Pictures",
         "",
-        "![ROC per method](roc.png)",
+        f"![ROC per method ({collapse})](roc.png)" if multi else "![ROC per method](roc.png)",
         "",
         "![reliability diagrams](calibration.png)",
         "",
-        "![confusion matrices at the Youden threshold](confusion.png)",
+        "![confusion matrices at the Youden threshold"
+        + (f" ({collapse})" if multi else "")
+        + "](confusion.png)",
     ]
     return lines
 
@@ -131,21 +151,36 @@ def _role(row: dict[str, Any]) -> str:
     return row.get("role") or "student"
 
 
-def _paired_markdown(paired: Sequence[dict[str, Any]], md_table: Any) -> list[str]:
+def paired_titles(k: int = 2) -> tuple[tuple[str, str], ...]:
+    """(metric, title) of the paired comparisons: the headline metrics of a K-class study."""
+    if k > 2:
+        return (("auroc", "macro AUROC (one-vs-rest)"), ("acc", "top-1 ACC"))
+    return (("auroc", "AUROC"), ("acc", "ACC at the Youden threshold"))
+
+
+def _paired_markdown(paired: Sequence[dict[str, Any]], md_table: Any, k: int = 2) -> list[str]:
     lines = ["", "## Paired against Base on the same test images", ""]
     if not paired:
         return lines + ["None: needs a base run and another method with predictions."]
+    per_seed = (
+        "Per seed, each method against Base of the same seed on the same test images: Δ macro "
+        "one-vs-rest AUROC by a paired class-stratified bootstrap (the same resampled images "
+        "for both models; percentile 95% interval, p = twice the smaller tail beyond 0), Δ "
+        "top-1 ACC (argmax) by McNemar's exact test with a paired-bootstrap 95% interval. "
+        if k > 2
+        else "Per seed, each method against Base of the same seed on the same test images: "
+        "ΔAUROC by DeLong's test (95% interval, p), ΔACC at each model's Youden threshold "
+        "(chosen on validation) by McNemar's exact test with a paired-bootstrap 95% interval. "
+    )
     lines += [
-        "Per seed, each method against Base of the same seed on the same test images: ΔAUROC "
-        "by DeLong's test (95% interval, p), ΔACC at each model's Youden threshold (chosen on "
-        "validation) by McNemar's exact test with a paired-bootstrap 95% interval. Across "
+        per_seed + "Across "
         "seeds: mean Δ with a Student-t 95% interval, the seeds where the method beats Base, "
         "and a one-sample t-test of the per-seed Δ (with one seed, that seed's test); p Holm: "
         "Holm-adjusted over the methods compared with the same Base (per study-axis value); "
         "verdict at 5% after Holm. Differences in percentage points.",
         "",
     ]
-    for metric, title in (("auroc", "AUROC"), ("acc", "ACC at the Youden threshold")):
+    for metric, title in paired_titles(k):
         lines += [f"### Δ {title}", ""]
         header = [
             "method",
@@ -261,7 +296,7 @@ def trust_csv_columns(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def axis_markdown(
-    paired: Sequence[dict[str, Any]], axis: str, figure_name: str, md_table: Any
+    paired: Sequence[dict[str, Any]], axis: str, figure_name: str, md_table: Any, k: int = 2
 ) -> list[str]:
     """One table per metric: methods x axis values, each cell the across-seed paired verdict
     against Base at that value (mean Δ in points, Holm-adjusted p)."""
@@ -276,7 +311,7 @@ def axis_markdown(
         "Cells: mean Δ over seeds in points (Holm-adjusted p) and the verdict, from the paired "
         "tables above; each method is compared with Base at the same value.",
     ]
-    for metric, title in (("auroc", "AUROC"), ("acc", "ACC at the Youden threshold")):
+    for metric, title in paired_titles(k):
         lines += ["", f"### Δ {title}", ""]
         header = ["method", *(f"{axis} {v}" for v in values)]
         body = []

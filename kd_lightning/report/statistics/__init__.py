@@ -25,7 +25,8 @@ What is estimated, and why this way
   is not itself treated as random. All resamples are evaluated at once on an
   (n_resamples, N) index matrix.
 - Two models on the same test images are compared with paired tests: DeLong's test for AUROC,
-  the exact McNemar test for accuracy, and a paired bootstrap applying one index matrix to both.
+  the exact McNemar test for accuracy, and a paired bootstrap applying one index matrix to both
+  (for K > 2, of the macro one-vs-rest AUROC, which has no DeLong test).
 - Across training seeds, the per-seed paired differences are summarised with a Student t
   interval and a one-sample t-test; several comparisons are adjusted with Holm's step-down.
 - Calibration is the top-label ECE (Guo et al. 2017), the Brier score and one temperature
@@ -66,6 +67,7 @@ from kd_lightning.report.statistics.paired import (
     paired_bootstrap,
     paired_bootstrap_accuracy,
     paired_bootstrap_auroc,
+    paired_bootstrap_macro_auroc,
 )
 from kd_lightning.report.statistics.seeds import (
     holm,
@@ -95,6 +97,7 @@ __all__ = [
     "paired_bootstrap",
     "paired_bootstrap_accuracy",
     "paired_bootstrap_auroc",
+    "paired_bootstrap_macro_auroc",
     "reliability",
     "run_statistics",
     "seed_test",

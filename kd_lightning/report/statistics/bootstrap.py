@@ -63,6 +63,20 @@ def _interval(value: float, resampled: np.ndarray, level: float) -> dict[str, fl
     return {"value": float(value), "low": low, "high": high}
 
 
+def _macro_auroc_rows(labels: np.ndarray, probs: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """(n_resamples,) macro one-vs-rest AUROC (medmnist.Evaluator's multi-class AUC) of every
+    row of `idx`, a stratified_bootstrap_indices matrix of `labels` (every class present)."""
+    k = probs.shape[1]
+    counts = np.bincount(labels, minlength=k)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    per_class = []
+    for c in range(k):
+        # Move class c's block to the end so _auroc_rows sees it as the positives.
+        cols = np.r_[0 : starts[c], starts[c + 1] : starts[-1], starts[c] : starts[c + 1]]
+        per_class.append(_auroc_rows(probs[:, c][idx[:, cols]], labels.size - counts[c]))
+    return np.mean(per_class, axis=0)
+
+
 def bootstrap_intervals(
     labels: Any,
     scores: Any,

@@ -17,8 +17,12 @@ from kd_lightning.report.statistics._checks import (
     _float_1d,
     _int_labels,
 )
-from kd_lightning.report.statistics.bootstrap import _percentiles, stratified_bootstrap_indices
-from kd_lightning.report.statistics.discrimination import _auroc_rows, auroc
+from kd_lightning.report.statistics.bootstrap import (
+    _macro_auroc_rows,
+    _percentiles,
+    stratified_bootstrap_indices,
+)
+from kd_lightning.report.statistics.discrimination import _auroc_rows, auroc, medmnist_auc
 
 # ----------------------------------------------------------------------------------------------
 # Paired comparisons of two models on the same test images
@@ -193,6 +197,45 @@ def paired_bootstrap_auroc(
     idx = stratified_bootstrap_indices(y, n_resamples, seed)
     diffs = _auroc_rows(a[idx], n_neg) - _auroc_rows(b[idx], n_neg)
     return _paired_summary(auroc(y, a) - auroc(y, b), diffs, level, int(n_resamples), int(seed))
+
+
+def paired_bootstrap_macro_auroc(
+    labels: Any,
+    probs_a: Any,
+    probs_b: Any,
+    n_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """paired_bootstrap for macro AUROC(A) - macro AUROC(B) of two (N, K) probability matrices,
+    K > 2: the mean over classes of the one-vs-rest AUROC of probs[:, k] (medmnist.Evaluator's
+    multi-class AUC, medmnist_auc). Vectorised over resamples; the same numbers as
+    paired_bootstrap(..., medmnist_auc) with the same seed. Every class must be present (the
+    resamples are stratified by class, so then it is in every resample). There is no DeLong
+    test for a mean of K correlated one-vs-rest AUROCs, hence the bootstrap."""
+    y = _int_labels(labels)
+    arrays = []
+    for name, arr in (("probs_a", probs_a), ("probs_b", probs_b)):
+        p = np.asarray(arr, dtype=np.float64)
+        if p.ndim != 2 or p.shape[0] != y.size or p.shape[1] < 3:
+            raise ValueError(
+                f"{name} has shape {p.shape}; expected ({y.size}, K) with K > 2 classes"
+            )
+        arrays.append(p)
+    a, b = arrays
+    if a.shape != b.shape:
+        raise ValueError(f"probs_b has shape {b.shape}; expected the shape of probs_a, {a.shape}")
+    counts = np.bincount(y, minlength=a.shape[1])
+    if counts.size != a.shape[1] or np.any(counts == 0):
+        raise ValueError(
+            f"labels have class counts {counts.tolist()}; expected every one of the "
+            f"{a.shape[1]} classes"
+        )
+    level = _check_level(level)
+    idx = stratified_bootstrap_indices(y, n_resamples, seed)
+    diffs = _macro_auroc_rows(y, a, idx) - _macro_auroc_rows(y, b, idx)
+    point = medmnist_auc(y, a) - medmnist_auc(y, b)
+    return _paired_summary(point, diffs, level, int(n_resamples), int(seed))
 
 
 def paired_bootstrap_accuracy(

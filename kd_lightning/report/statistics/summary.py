@@ -18,12 +18,12 @@ from kd_lightning.report.statistics._checks import (
 )
 from kd_lightning.report.statistics.bootstrap import (
     _interval,
+    _macro_auroc_rows,
     bootstrap_intervals,
     stratified_bootstrap_indices,
 )
 from kd_lightning.report.statistics.calibration import calibration, reliability, softmax
 from kd_lightning.report.statistics.discrimination import (
-    _auroc_rows,
     auroc,
     medmnist_auc,
     sensitivity_threshold,
@@ -69,16 +69,10 @@ def _multiclass_intervals(
         )
     idx = stratified_bootstrap_indices(labels, n_resamples, seed)
     right = probs.argmax(axis=1) == labels
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    per_class = []
-    for c in range(k):
-        # Move class c's block to the end so _auroc_rows sees it as the positives.
-        cols = np.r_[0 : starts[c], starts[c + 1] : starts[-1], starts[c] : starts[c + 1]]
-        per_class.append(_auroc_rows(probs[:, c][idx[:, cols]], labels.size - counts[c]))
     point_auc = medmnist_auc(labels, probs)
     return {
         "acc": _interval(float(right.mean()), right[idx].mean(axis=1), level),
-        "auroc_macro": _interval(point_auc, np.mean(per_class, axis=0), level),
+        "auroc_macro": _interval(point_auc, _macro_auroc_rows(labels, probs, idx), level),
         "auroc_per_class": [auroc((labels == c).astype(np.int64), probs[:, c]) for c in range(k)],
     }
 
