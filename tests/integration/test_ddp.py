@@ -127,7 +127,7 @@ def test_bf16_distillation_run_is_finite(bf16_run: Path) -> None:
     assert nst and all(math.isfinite(v) and v > 0 for v in nst)
 
 
-# The CLI silences these two (kd_lightning/__main__.py); in-process Lightning prints them.
+# The CLI silences these two (kd_lightning/console.py); in-process Lightning prints them.
 @pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode")
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated")
 def test_bf16_autocast_keeps_nst_in_float32(bf16_run: Path) -> None:

@@ -83,6 +83,10 @@ def _one_error(proc: subprocess.CompletedProcess[str], expected: str) -> str:
     return errors[0]
 
 
+def _hydra_stamps(run: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (run / ".hydra").glob("*")}
+
+
 def _stamps(run: Path) -> dict[str, tuple[int, int]]:
     return {
         str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns)
@@ -238,7 +242,8 @@ def test_chain_step_naming_a_missing_teacher_step_is_one_line(tmp_path: Path) ->
         [
             "+experiment=paper_cpu",
             "chain.archs=[]",
-            "chain.steps=[{name: s, teacher: nope, overrides: ['model=resnet18']}]",
+            "~chain.steps",
+            "+chain.steps={s: {teacher: nope, choices: {model: resnet18}}}",
             *BUDGET,
             f"hydra.run.dir={tmp_path / 'study'}",
         ],
@@ -285,14 +290,24 @@ def test_second_process_on_a_run_dir_is_refused_naming_the_holder(
         text=True,
     )
     try:
-        lock = run / LOCK_FILE
+        lock, log = run / LOCK_FILE, run / "__main__.log"
         deadline = time.monotonic() + 120
-        while not (lock.is_file() and lock.read_text().strip() == str(first.pid)):
+        # Locked (before Hydra saves .hydra/) and in the task (its first log line: after it).
+        while not (
+            lock.is_file()
+            and lock.read_text().strip() == str(first.pid)
+            and log.is_file()
+            and "Seed set to" in log.read_text()
+        ):
             assert first.poll() is None and time.monotonic() < deadline, "first run never locked"
             time.sleep(0.05)
-        second = run_cli(args, cwd=tmp_path, check=False)
+        hydra_files = _hydra_stamps(run)
+        assert set(hydra_files) == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+        # Another seed: had Hydra saved the second process's config, config.yaml would differ.
+        second = run_cli([*args, "seed=7"], cwd=tmp_path, check=False)
         _one_error(second, f"run directory {run.resolve()} is in use by another kd_lightning")
         assert f"(pid {first.pid}," in second.stderr
+        assert _hydra_stamps(run) == hydra_files  # the lock comes before Hydra writes anything
         out, _ = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
@@ -319,6 +334,53 @@ def test_second_process_on_a_study_dir_is_refused_and_a_killed_holder_frees_it(
     assert (study / LOCK_FILE).read_text().strip() == str(holder.pid)
     with directory_lock(study, "study directory"):
         assert (study / LOCK_FILE).read_text().strip() == str(os.getpid())
+
+
+@pytest.mark.parametrize(
+    ("mode", "what", "args"),
+    [
+        ("run", "run directory", ["+experiment=base"]),
+        ("run", "study directory", ["+experiment=nst_poly_ta", "chain.archs=[resnet34,resnet18]"]),
+        ("sweep", "sweep directory", ["-m", "+experiment=base", "seed=0,1"]),
+    ],
+)
+def test_refused_process_writes_nothing_into_the_busy_directory(
+    tmp_path: Path, mode: str, what: str, args: list[str]
+) -> None:
+    """The lock is taken in a Hydra callback (locks.HydraDirectoryLock) before Hydra saves
+    .hydra/*.yaml or multirun.yaml and before it opens the job's log file: a refused second
+    process leaves the holder's files byte for byte (and mtime) as they were."""
+    busy = tmp_path / "busy"
+    earlier = {
+        ".hydra/config.yaml": b"seed: 0\n",
+        ".hydra/hydra.yaml": b"hydra: {}\n",
+        ".hydra/overrides.yaml": b"[]\n",
+        "__main__.log": b"[holder] a line of the first process\n",
+        "multirun.yaml": b"hydra: {}\n",
+    }
+    for name, data in earlier.items():
+        (busy / name).parent.mkdir(parents=True, exist_ok=True)
+        (busy / name).write_bytes(data)
+    before = {
+        str(p.relative_to(busy)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in busy.rglob("*")
+        if p.is_file()
+    }
+    holder = _holder(busy)
+    try:
+        proc = run_cli([*args, f"hydra.{mode}.dir={busy}"], cwd=tmp_path, check=False)
+        line = _one_error(proc, f"{what} {busy.resolve()} is in use by another kd_lightning")
+        assert f"(pid {holder.pid}," in line and f"choose another hydra.{mode}.dir" in line
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    after = {
+        str(p.relative_to(busy)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in busy.rglob("*")
+        if p.is_file() and p.name != LOCK_FILE
+    }
+    assert after == before
+    assert [p.name for p in busy.iterdir() if p.is_dir()] == [".hydra"]  # no job dir either
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,10 +435,27 @@ def test_full_disk_writing_chain_json_keeps_finished_steps(
     assert [s["status"] for s in chain["steps"]] == ["done", "pending"]
     teacher_summary = (study / "resnet34" / "summary.json").read_bytes()
     rerun = run_cli(args, cwd=tmp_path)
-    assert "chain step resnet34 " not in rerun.stdout  # the finished step is not retrained
+    assert " resnet34 (" not in rerun.stdout  # the finished step is not retrained
     assert (study / "resnet34" / "summary.json").read_bytes() == teacher_summary
     chain = json.loads((study / "chain.json").read_text())
     assert [s["status"] for s in chain["steps"]] == ["done", "done"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("log_file", ["logs/hparams.yaml", "__main__.log"])
+def test_full_disk_under_a_logger_is_one_line(
+    tmp_path: Path, shared_npz: Path, log_file: str
+) -> None:
+    """Lightning's CSV logger and Hydra's log file write with a plain `open`, not the atomic
+    writer. A real ENOSPC from the kernel: the file is a symlink to /dev/full (every write to
+    it fails with ENOSPC; both writers open it for writing and follow the link)."""
+    run = tmp_path / "run"
+    (run / log_file).parent.mkdir(parents=True, exist_ok=True)
+    (run / log_file).symlink_to("/dev/full")
+    proc = run_cli(["+experiment=base", *BUDGET, f"hydra.run.dir={run}"], cwd=tmp_path, check=False)
+    line = _one_error(proc, f"No space left on device writing {run / log_file}; free some space")
+    assert line.endswith("rerun the same command")
+    assert "Logging error" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,7 +540,7 @@ def test_study_killed_many_times_equals_an_uninterrupted_one(
             started = None
             while proc.poll() is None:
                 text = log.read_text()
-                if started is None and "chain step" in text:
+                if started is None and "[kd_lightning] study " in text:
                     started = time.monotonic()
                 if boundary and set(study.glob("*/summary.json")) - summaries:
                     break
@@ -476,8 +555,8 @@ def test_study_killed_many_times_equals_an_uninterrupted_one(
         if finished:  # the study ended before this kill: it is complete
             break
         step = (
-            logs[-1].rsplit("chain step ", 1)[-1].split(" ", 1)[0]
-            if "chain step" in logs[-1]
+            logs[-1].rsplit("[kd_lightning] study ", 1)[-1].split(" ")[3]
+            if "[kd_lightning] study " in logs[-1]
             else "-"
         )
         kills.append(f"{'boundary' if boundary else f'{delay:.1f}s'}@{step}")
