@@ -1,9 +1,29 @@
 """A chain (or study) of stages: teacher -> TA ... -> student, over seeds, resumable.
 
-Each step is the base config composed with the step's own overrides (config-group choices and
-values, as on the command line) and then the user's command-line overrides, so
-`trainer.max_epochs=1` shrinks every step. A step with `teacher: <step name>` distils from that
-step's best checkpoint.
+`chain.steps` maps each step's name to a typed record (ChainStep):
+
+    chain:
+      steps:
+        teacher: {shared: true, choices: {model: resnet50},
+                  values: {role: teacher, method: supervised}}
+        nst_linear: {teacher: teacher, choices: {model: resnet18, module: distill},
+                     values: {method: nst_linear, module: {nst: {kernel: linear}}}}
+
+- `teacher`: the step whose best checkpoint this step distils from (or a run dir / checkpoint);
+- `shared`: run once for all seeds and axis values (a teacher);
+- `choices`: config-group options ({group: option}; `+group` appends a group the defaults list
+  lacks, as `+methods=fitnets` does on the command line);
+- `values`: config values, nested ({module: {kd_weight: 16.0}}) or dotted; a dotted key's value
+  is set whole (`module.teacher_model: {arch: resnet50}`).
+
+Experiments merge: a later experiment changes single fields of a step, adds steps (at the end of
+the mapping) or removes one (`nst_linear: null`); so can the command line
+(`chain.steps.teacher.values.trainer.max_epochs=2`, `~chain.steps.nst_linear`). Steps run in
+mapping order. `chain.archs` is a helper that expands into the same records (chain_steps).
+
+Each step is the base config composed with the step's choices and values and then the user's
+command-line overrides, so `trainer.max_epochs=1` shrinks every step. A step's `method` (the
+label the report groups by) must be one of kd_lightning.artifacts.METHODS or the step's own name.
 `chain.json` records every step's architecture, teacher, best checkpoint, test metrics and status;
 running the same command again skips finished steps and resumes an interrupted one from its
 `last.ckpt`.
@@ -12,7 +32,10 @@ running the same command again skips finished steps and resumes an interrupted o
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.artifacts import (
     CHAIN_FILE,
+    METHODS,
     ArtifactError,
     has_predictions,
     read_summary,
@@ -30,16 +54,127 @@ from kd_lightning.artifacts import (
 from kd_lightning.locks import directory_lock
 from kd_lightning.run import run_dir, run_stage
 
+STEP_FIELDS = ("teacher", "shared", "choices", "values")
+_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEYWORDS = {"true", "false", "null", "nan", "inf"}
 
-def chain_steps(cfg: DictConfig) -> list[dict[str, Any]]:
-    """`chain.steps` as written, followed by the steps `chain.archs` stands for.
+
+@dataclass(frozen=True)
+class ChainStep:
+    """One step of a chain: what it changes in the base config and whom it learns from."""
+
+    name: str
+    teacher: str | None = None
+    shared: bool = False
+    choices: dict[str, Any] = field(default_factory=dict)  # group -> option ("+group": appended)
+    values: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value
+
+    @classmethod
+    def parse(cls, name: str, raw: Any, where: str, fields: tuple[str, ...] = STEP_FIELDS):
+        """The record for `raw` (a plain mapping); ValueError, one line naming `where`."""
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{where}={raw!r}: expected a mapping with fields {list(fields)}")
+        unknown = [str(k) for k in raw if k not in fields]
+        if unknown:
+            raise ValueError(f"{where} has unknown field(s) {unknown}; expected {list(fields)}")
+        teacher, shared = raw.get("teacher"), raw.get("shared", False)
+        if teacher is not None and not isinstance(teacher, str):
+            raise ValueError(f"{where}.teacher={teacher!r}: expected a step name or a path")
+        if not isinstance(shared, bool):
+            raise ValueError(f"{where}.shared={shared!r}: expected true or false")
+        choices = raw.get("choices") or {}
+        if not isinstance(choices, Mapping) or not all(
+            isinstance(o, str) or (isinstance(o, list) and all(isinstance(i, str) for i in o))
+            for o in choices.values()
+        ):
+            raise ValueError(f"{where}.choices={choices!r}: expected {{config group: option name}}")
+        values = raw.get("values") or {}
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{where}.values={values!r}: expected {{config key: value}}")
+        return cls(
+            name=name,
+            teacher=teacher,
+            shared=shared,
+            choices={str(k): v for k, v in choices.items()},
+            values=_flatten(values),
+        )
+
+    def overrides(self) -> list[str]:
+        """The step as Hydra overrides: choices first, then values."""
+        return [f"{group}={_render(option)}" for group, option in self.choices.items()] + [
+            f"{key}={_render(value)}" for key, value in self.values.items()
+        ]
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping) and value and "." not in str(key):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _render(value: Any) -> str:
+    """A value in Hydra's override grammar (strings other than plain names quoted)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_render(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_render(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if _PLAIN.fullmatch(text) and text.lower() not in _KEYWORDS:
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def check_method(step: str, method: str) -> None:
+    """A step's method label is a declared one (the report orders and pairs by them) or the
+    step's own name (a new method named after its step)."""
+    if method not in METHODS and method != step:
+        raise ValueError(
+            f"chain step {step!r}: method {method!r} is neither a known method "
+            f"({', '.join(METHODS)}) nor the step's name; fix it or name the step after it"
+        )
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+
+
+def chain_steps(cfg: DictConfig) -> list[ChainStep]:
+    """`chain.steps` in mapping order (null steps removed), followed by the steps `chain.archs`
+    stands for.
 
     `chain.archs: [resnet152, resnet101, resnet50, resnet34, resnet18]` is a teacher-assistant
-    chain: the first architecture is trained from scratch (or reused: `chain.teacher` names an
-    existing step or path), each next one distils from the one before with `chain.hop_overrides`;
-    the last is the student.
+    chain: the first architecture is trained from scratch as step `<prefix><arch>` (or reused:
+    `chain.teacher` names an existing step or path), each next one distils from the one before
+    with `chain.hop`'s choices and values; the last is the student (`chain.student_name`).
     """
-    steps = [OmegaConf.to_container(step, resolve=False) for step in cfg.chain.get("steps") or []]
+    for old in ("hop_overrides", "teacher_overrides"):
+        if old in cfg.chain:
+            raise ValueError(
+                f"chain.{old} is no longer read; expected chain.hop: {{choices: {{group: option}}, "
+                "values: {key: value}} (for the first architecture: a chain.steps entry and "
+                "chain.teacher)"
+            )
+    raw = _container(cfg.chain.get("steps"))
+    if raw is not None and not isinstance(raw, dict):
+        raise ValueError(
+            f"chain.steps is a {type(raw).__name__}; expected a mapping "
+            f"{{step name: {{{', '.join(STEP_FIELDS)}}}}} (see kd_lightning/chain.py)"
+        )
+    steps = [
+        ChainStep.parse(str(name), body, f"chain.steps.{name}")
+        for name, body in (raw or {}).items()
+        if body is not None
+    ]
     archs = [str(a) for a in cfg.chain.get("archs") or []]
     if not archs:
         if not steps:
@@ -48,32 +183,38 @@ def chain_steps(cfg: DictConfig) -> list[dict[str, Any]]:
     if len(archs) < 2:
         raise ValueError(f"chain.archs={archs}: expected a teacher and at least one student")
     prefix = str(cfg.chain.get("prefix") or "")
-    hop = [str(o) for o in cfg.chain.get("hop_overrides") or []]
+    hop = ChainStep.parse(
+        "hop", _container(cfg.chain.get("hop")) or {}, "chain.hop", ("choices", "values")
+    )
     teacher = cfg.chain.get("teacher")
     if teacher is None:
         teacher = f"{prefix}{archs[0]}"
         steps.append(
-            {
-                "name": teacher,
-                "shared": True,
-                "overrides": [f"model={archs[0]}", "role=teacher", "method=supervised"]
-                + [str(o) for o in cfg.chain.get("teacher_overrides") or []],
-            }
+            ChainStep(
+                name=teacher,
+                shared=True,
+                choices={"model": archs[0]},
+                values={"role": "teacher", "method": "supervised"},
+            )
         )
     for index, arch in enumerate(archs[1:], start=1):
         last = index == len(archs) - 1
-        # The previous architecture is what this hop's teacher must be: a checkpoint of another
-        # architecture is refused before training.
-        expect = f"module.teacher_model={{arch: {archs[index - 1]}}}"
         name = (
             str(cfg.chain.get("student_name") or f"{prefix}{arch}") if last else f"{prefix}{arch}"
         )
         steps.append(
-            {
-                "name": name,
-                "teacher": str(teacher),
-                "overrides": [f"model={arch}", *hop, expect, f"role={'student' if last else 'ta'}"],
-            }
+            ChainStep(
+                name=name,
+                teacher=str(teacher),
+                choices={"model": arch, **hop.choices},
+                # The previous architecture is what this hop's teacher must be: a checkpoint of
+                # another architecture is refused before training.
+                values={
+                    **hop.values,
+                    "module.teacher_model": {"arch": archs[index - 1]},
+                    "role": "student" if last else "ta",
+                },
+            )
         )
         teacher = name
     return steps
@@ -106,44 +247,48 @@ def _axis_suffix(combo: dict[str, tuple[str, Any]]) -> str:
 
 def plan_steps(cfg: DictConfig) -> list[dict[str, Any]]:
     """Expand the chain's steps over `chain.seeds` and `chain.axes`; `shared: true` steps
-    (teachers) run once."""
+    (teachers) run once. Each planned step: name, seed, shared, teacher_step, overrides (the
+    step's choices and values, then its axis values), variant and dir."""
     seeds = [int(s) for s in cfg.chain.get("seeds", [cfg.seed])]
     steps = chain_steps(cfg)
-    names = [str(step["name"]) for step in steps]
+    names = [step.name for step in steps]
     if len(set(names)) != len(names):
         raise ValueError(f"chain steps have repeated names {names}; expected unique step names")
-    shared_names = {str(s["name"]) for s in steps if s.get("shared", False)}
+    shared_names = {s.name for s in steps if s.shared}
+    for step in steps:
+        if step.teacher is not None and step.teacher not in names:
+            if not Path(step.teacher).exists():
+                raise ValueError(
+                    f"chain step {step.name!r}: teacher {step.teacher!r} is neither a step "
+                    f"({names}) nor an existing path"
+                )
+        method = step.values.get("method", cfg.get("method"))
+        if isinstance(method, str) and "${" not in method:
+            check_method(step.name, method)
+    combos = _axis_values(cfg)
     planned: list[dict[str, Any]] = []
     for seed in seeds:
-        for combo in _axis_values(cfg):
+        for combo in combos:
             suffix = _axis_suffix(combo)
             for step in steps:
-                shared = bool(step.get("shared", False))
-                if shared and (seed != seeds[0] or combo != _axis_values(cfg)[0]):
+                if step.shared and (seed != seeds[0] or combo != combos[0]):
                     continue
-                teacher = step.get("teacher")
-                if teacher is not None and str(teacher) not in names:
-                    if not Path(str(teacher)).exists():
-                        raise ValueError(
-                            f"chain step {step['name']!r}: teacher {teacher!r} is neither a step "
-                            f"({names}) nor an existing path"
-                        )
-                variant = {} if shared else combo
-                name = str(step["name"])
-                if teacher is not None and str(teacher) in names and teacher not in shared_names:
-                    teacher = f"{teacher}[{suffix}]" if suffix else str(teacher)
-                label = f"{name}[{suffix}]" if suffix and not shared else name
-                folder = name if not variant else f"{name}/{suffix.replace('=', '_')}"
+                variant = {} if step.shared else combo
+                teacher = step.teacher
+                if teacher is not None and teacher in names and teacher not in shared_names:
+                    teacher = f"{teacher}[{suffix}]" if suffix else teacher
+                label = f"{step.name}[{suffix}]" if suffix and not step.shared else step.name
+                folder = step.name if not variant else f"{step.name}/{suffix.replace('=', '_')}"
                 planned.append(
                     {
                         "name": label,
-                        "seed": seeds[0] if shared else seed,
-                        "shared": shared,
-                        "teacher_step": str(teacher) if teacher is not None else None,
-                        "overrides": [str(o) for o in step.get("overrides", [])]
+                        "seed": seeds[0] if step.shared else seed,
+                        "shared": step.shared,
+                        "teacher_step": teacher,
+                        "overrides": step.overrides()
                         + [f"{key}={value}" for key, value in variant.values()],
                         "variant": {name: value for name, (_, value) in variant.items()},
-                        "dir": folder if shared or len(seeds) == 1 else f"seed{seed}/{folder}",
+                        "dir": folder if step.shared or len(seeds) == 1 else f"seed{seed}/{folder}",
                     }
                 )
     return planned
@@ -196,7 +341,8 @@ def _run_chain(cfg: DictConfig, chain_dir: Path, planned: list[dict[str, Any]]) 
     records = _initial_records(planned, chain_dir, state_path)
     base_overrides = user_overrides()
     started = time.perf_counter()
-    for step, record in zip(planned, records, strict=True):
+    trained: list[float] = []  # wall seconds of each step trained by this process
+    for index, (step, record) in enumerate(zip(planned, records, strict=True)):
         step_dir = chain_dir / step["dir"]
         teacher = _teacher_dir(planned, step, chain_dir)
         done = read_summary(step_dir) if record["status"] == "done" else None
@@ -206,6 +352,7 @@ def _run_chain(cfg: DictConfig, chain_dir: Path, planned: list[dict[str, Any]]) 
                 run_stage(compose_step(step, teacher, base_overrides), out_dir=step_dir)
             continue
         step_cfg = compose_step(step, teacher, base_overrides)
+        check_method(step["name"].split("[", 1)[0], str(step_cfg.method))
         record.update(
             {
                 "arch": str(step_cfg.model.arch),
@@ -216,7 +363,12 @@ def _run_chain(cfg: DictConfig, chain_dir: Path, planned: list[dict[str, Any]]) 
             }
         )
         write_json_atomic(state_path, _chain_payload(cfg, records))
-        print(f"[kd_lightning] chain step {step['dir']} ({record['arch']}, {record['method']})")
+        left = sum(r["status"] != "done" for r in records[index:])
+        print(
+            progress_line(str(cfg.name), index + 1, len(planned), record, started, trained, left),
+            flush=True,
+        )
+        step_started = time.perf_counter()
         try:
             summary = run_stage(step_cfg, out_dir=step_dir)
         except BaseException:
@@ -226,6 +378,7 @@ def _run_chain(cfg: DictConfig, chain_dir: Path, planned: list[dict[str, Any]]) 
             except OSError:
                 pass  # a full disk: the step's own error is the one to show
             raise
+        trained.append(time.perf_counter() - step_started)
         record.update(
             {
                 "status": "done",
@@ -240,6 +393,34 @@ def _run_chain(cfg: DictConfig, chain_dir: Path, planned: list[dict[str, Any]]) 
     _report(cfg, chain_dir)
     _print_table(records)
     return payload
+
+
+def progress_line(
+    study: str,
+    number: int,
+    total: int,
+    record: dict[str, Any],
+    started: float,
+    trained: list[float],
+    left: int,
+    now: float | None = None,
+) -> str:
+    """`[kd_lightning] study NAME: step k/N DIR (ARCH, METHOD) — elapsed 12m03s, ~41m left`:
+    the estimate is the mean wall time of the steps this process trained times the steps left
+    to train (this one included); "estimating" until one has finished."""
+    elapsed = (time.perf_counter() if now is None else now) - started
+    estimate = f"~{_clock(sum(trained) / len(trained) * left)} left" if trained else "estimating"
+    return (
+        f"[kd_lightning] study {study}: step {number}/{total} {record['dir']} "
+        f"({record['arch']}, {record['method']}) — elapsed {_clock(elapsed)}, {estimate}"
+    )
+
+
+def _clock(seconds: float) -> str:
+    total = int(round(max(seconds, 0.0)))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _initial_records(
@@ -288,7 +469,7 @@ def _initial_records(
 def _chain_payload(cfg: DictConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "name": str(cfg.name),
-        "seeds": OmegaConf.to_container(cfg.chain.get("seeds", [cfg.seed])),
+        "seeds": _container(cfg.chain.get("seeds", [cfg.seed])),
         "steps": records,
     }
 

@@ -65,7 +65,8 @@ def test_chain_killed_mid_step_resumes_without_repeating(tmp_path: Path, shared_
 
     rerun = run_cli(args, cwd=tmp_path)
     assert f"resuming {run / 'resnet34'} from" in rerun.stdout
-    assert "chain step resnet50 " not in rerun.stdout  # the finished teacher is not retrained
+    assert "step 2/3 resnet34 (resnet34, nst_poly_ta) — elapsed" in rerun.stdout
+    assert " resnet50 (" not in rerun.stdout  # the finished teacher is not retrained
     assert teacher_summary.stat().st_mtime_ns == teacher_stamp
 
     chain = _chain_json(run)
@@ -84,7 +85,7 @@ def test_chain_killed_mid_step_resumes_without_repeating(tmp_path: Path, shared_
 
     # A finished chain run again only reports.
     again = run_cli(args, cwd=tmp_path)
-    assert "chain step" not in again.stdout and "resnet18" in again.stdout
+    assert "[kd_lightning] study" not in again.stdout and "resnet18" in again.stdout
     # The report: the paper's curves as a real image.
     image = matplotlib.image.imread(run / "curves.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
