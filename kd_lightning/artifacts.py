@@ -62,6 +62,7 @@ METHODS = (
     "nst_poly_ta101",  # NST-poly through one TA of the given depth (ta_size)
     "nst_poly_ta50",
     "nst_poly_ta34",
+    "nst_poly_kd_ta",  # NST-poly + KD through a TA (deploy_cpu's cross-family chain)
     "fitnets",
     "at",
     "dkd",

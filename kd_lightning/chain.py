@@ -51,6 +51,7 @@ from kd_lightning.artifacts import (
     read_summary,
     write_json_atomic,
 )
+from kd_lightning.conf_path import config_dir
 from kd_lightning.locks import directory_lock
 from kd_lightning.run import run_dir, run_stage
 
@@ -193,8 +194,8 @@ def chain_steps(cfg: DictConfig) -> list[ChainStep]:
             ChainStep(
                 name=teacher,
                 shared=True,
-                choices={"model": archs[0]},
-                values={"role": "teacher", "method": "supervised"},
+                choices=_network(archs[0])[0],
+                values={**_network(archs[0])[1], "role": "teacher", "method": "supervised"},
             )
         )
     for index, arch in enumerate(archs[1:], start=1):
@@ -206,18 +207,30 @@ def chain_steps(cfg: DictConfig) -> list[ChainStep]:
             ChainStep(
                 name=name,
                 teacher=str(teacher),
-                choices={"model": arch, **hop.choices},
+                choices={**_network(arch)[0], **hop.choices},
                 # The previous architecture is what this hop's teacher must be: a checkpoint of
                 # another architecture is refused before training.
                 values={
+                    **_network(arch)[1],
                     **hop.values,
-                    "module.teacher_model": {"arch": archs[index - 1]},
+                    "module.teacher_model": {"arch": archs[index - 1].removeprefix("timm/")},
                     "role": "student" if last else "ta",
                 },
             )
         )
         teacher = name
     return steps
+
+
+def _network(arch: str) -> tuple[dict[str, str], dict[str, str]]:
+    """A `chain.archs` entry as (choices, values): a conf/model file by its name (resnet18, ...),
+    `timm/NAME` any timm network, any other name a torchvision network, so one TA chain can cross
+    families (densenet121 -> resnet34 -> mobilenet_v3_small)."""
+    if (config_dir() / "model" / f"{arch}.yaml").is_file():
+        return {"model": arch}, {}
+    if arch.startswith("timm/"):
+        return {"model": "timm"}, {"model.name": arch.removeprefix("timm/")}
+    return {"model": "torchvision"}, {"model.name": arch}
 
 
 def _axis_values(cfg: DictConfig) -> list[dict[str, tuple[str, Any]]]:

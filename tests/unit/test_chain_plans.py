@@ -1,6 +1,7 @@
 """Every chain experiment plans the same steps as before typed chain steps: names, dirs, seeds,
 shared teachers, teacher steps and each step's composed config (the golden file was written by
-the list-of-overrides implementation; regenerate only for an intended change:
+the list-of-overrides implementation; deploy_cpu's entry was rewritten when it gained its
+cross-family TA steps; regenerate only for an intended change:
 `python -m tests.unit.test_chain_plans --write`)."""
 
 from __future__ import annotations

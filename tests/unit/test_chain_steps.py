@@ -176,6 +176,42 @@ def test_archs_expand_into_the_same_records() -> None:
     assert chain_steps(hop)[1].values["module.kd_weight"] == 16.0
 
 
+def test_archs_cross_network_families() -> None:
+    cfg = _compose(
+        [
+            "+experiment=nst_poly_ta",
+            "chain.archs=[densenet121,resnet34,timm/mobilenetv3_small_050]",
+            "+chain.hop.values.module.feature_pairs=[]",
+        ]
+    )
+    teacher, ta, student = chain_steps(cfg)
+    assert (teacher.choices, teacher.values["model.name"]) == (
+        {"model": "torchvision"},
+        "densenet121",
+    )
+    assert ta.choices["model"] == "resnet34" and "model.name" not in ta.values
+    assert ta.values["module.teacher_model"] == {"arch": "densenet121"}
+    assert (student.choices["model"], student.values["model.name"]) == (
+        "timm",
+        "mobilenetv3_small_050",
+    )
+    assert student.values["module.teacher_model"] == {"arch": "resnet34"}
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        composed = [
+            compose_step(
+                step,
+                "/x" if step["teacher_step"] else None,
+                [
+                    "+experiment=nst_poly_ta",
+                    "chain.archs=[densenet121,resnet34,timm/mobilenetv3_small_050]",
+                ],
+            )
+            for step in plan_steps(cfg)
+        ]
+    assert [c.model.arch for c in composed] == ["densenet121", "resnet34", "mobilenetv3_small_050"]
+    assert [c.model.get("family") for c in composed] == ["torchvision", None, "timm"]
+
+
 def test_progress_line_estimates_from_the_steps_trained_here() -> None:
     record = {"dir": "seed0/kd/labeled_fraction_0.03", "arch": "resnet18", "method": "kd"}
     first = chain.progress_line("methods_cpu", 3, 67, record, 0.0, [], 65, now=723.0)
