@@ -1,6 +1,6 @@
 """Benchmark NST loss formulations: forward+backward time and memory, printed as markdown tables.
 
-Table 1, polynomial kernel (d=2, c=0) on the shapes of platform-notes "NST cost": channel-pair
+Table 1, polynomial kernel (d=2, c=0) on the stage shapes in POLY_SHAPES: channel-pair
 Gram form vs spatial Gram form vs the automatic choice vs the naive broadcast B x C x C x HW
 kernel of public code (run only where its largest tensor fits under --naive-max-gb).
 Table 2, every kernel on ResNet-18 -> ResNet-152 layer1 maps at 224 px (batch 32, 64 vs 256
@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kd_lightning.distill import NSTLoss, choose_poly_form
-from kd_lightning.distill.losses import _default_sigma2
+from kd_lightning.distill.nst import _default_sigma2
 
-# (batch, C_s, C_t, H) with H = W, as in platform-notes.
+# (batch, C_s, C_t, H) with H = W: ResNet-18 stages against ResNet-50 stages (C_t = 4 C_s) at
+# 64 px (2x2 layer4, 16x16 layer1) and 224 px (56x56 layer1, 14x14 layer3).
 POLY_SHAPES = [(64, 512, 2048, 2), (32, 64, 256, 16), (8, 64, 256, 56), (32, 256, 1024, 14)]
 LAYER1 = (32, 64, 256, 56)
 BYTES = 4

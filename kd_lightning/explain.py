@@ -44,7 +44,7 @@ from kd_lightning.artifacts import (
     write_bytes_atomic,
 )
 from kd_lightning.distill import FeatureHooks, nst_mmd2
-from kd_lightning.distill.losses import _match_spatial, _unit_channels
+from kd_lightning.distill.nst import _match_spatial, _unit_channels
 from kd_lightning.models.loading import load_run_network
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before instantiate imports the data

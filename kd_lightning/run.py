@@ -213,7 +213,8 @@ def _run_stage(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         log_statistics(logger, summary, out_dir)
     summary = trainer.strategy.broadcast(summary, src=0)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Without this, gloo processes sometimes abort at exit (platform notes: 2 of 19 runs).
+        # Without this, gloo processes sometimes abort at exit (seen in 2 of 19 trainer=ddp_cpu
+        # runs); tests/integration/test_ddp.py runs this path.
         torch.distributed.destroy_process_group()
     return summary
 

@@ -11,14 +11,14 @@ from typing import Any
 
 _EXPORTS = {
     "XRayDataModule": "kd_lightning.data.datamodule",
-    "XRayDataset": "kd_lightning.data.datamodule",
+    "XRayDataset": "kd_lightning.data.dataset",
     "build_image_cache": "kd_lightning.data.cache",
     "default_cache_dir": "kd_lightning.data.cache",
     "decode_image": "kd_lightning.data.cache",
-    "ensure_npz": "kd_lightning.data.sources",
-    "load_npz": "kd_lightning.data.sources",
-    "scan_kermany": "kd_lightning.data.sources",
-    "carve_val": "kd_lightning.data.sources",
+    "ensure_npz": "kd_lightning.data.npz",
+    "load_npz": "kd_lightning.data.npz",
+    "scan_kermany": "kd_lightning.data.kermany",
+    "carve_val": "kd_lightning.data.kermany",
     "stratified_subset": "kd_lightning.data.sources",
 }
 

@@ -5,8 +5,9 @@ from kd_lightning.distill.crd import CRDLoss
 from kd_lightning.distill.dkd import DKDLoss
 from kd_lightning.distill.feature import ATLoss, FitNetsLoss
 from kd_lightning.distill.hooks import FeatureHooks, MissingFeatureError
-from kd_lightning.distill.losses import KDLoss, NSTLoss, choose_poly_form, nst_mmd2
+from kd_lightning.distill.kd import KDLoss
 from kd_lightning.distill.methods import DistillInputs, DistillMethod
+from kd_lightning.distill.nst import NSTLoss, choose_poly_form, nst_mmd2
 from kd_lightning.distill.rkd import RKDLoss
 
 __all__ = [

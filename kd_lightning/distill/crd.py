@@ -51,7 +51,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.distill.losses import _fp32_region
 from kd_lightning.distill.methods import (
     DistillInputs,
     DistillMethod,
@@ -60,6 +59,7 @@ from kd_lightning.distill.methods import (
     flat_embedding,
     refuse_unknown,
 )
+from kd_lightning.distill.precision import fp32_region
 
 __all__ = ["CRDLoss", "bank_megabytes", "nce_loss"]
 
@@ -298,7 +298,7 @@ class CRDLoss(DistillMethod):
             raise ValueError(f"CRD indices must lie in [0, {n}), got [{low}, {high}]")
         idx = self.sample(indices, targets) if contrast is None else contrast
         dtype = self.memory_s.dtype
-        with _fp32_region(f_s.device):
+        with fp32_region(f_s.device):
             v_s = self.embed_s(f_s.to(dtype))
             v_t = self.embed_t(f_t.detach().to(dtype))
             # The banks are updated in place below, after the scores; autograd keeps what it read.

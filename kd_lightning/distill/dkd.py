@@ -37,13 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.distill.losses import _compute_dtype, _fp32_region
 from kd_lightning.distill.methods import (
     DistillInputs,
     DistillMethod,
     check_weight,
     refuse_unknown,
 )
+from kd_lightning.distill.precision import compute_dtype, fp32_region
 
 __all__ = ["DKDLoss", "dkd_parts"]
 
@@ -73,10 +73,10 @@ def dkd_parts(
         raise ValueError(
             f"DKD expects targets (B,) = ({z_s.shape[0]},), got {tuple(targets.shape)}"
         )
-    dtype = _compute_dtype(z_s, z_t)
+    dtype = compute_dtype(z_s, z_t)
     k = z_s.shape[1]
     temp = float(temperature)
-    with _fp32_region(z_s.device):
+    with fp32_region(z_s.device):
         # Column j of the non-target logits is class j, or j + 1 from the target on: a gather with
         # a fixed (B, K-1) shape (no boolean mask, no -1000 offset).
         y = targets.long().view(-1, 1)

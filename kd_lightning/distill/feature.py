@@ -54,7 +54,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.distill.losses import _compute_dtype, _fp32_region
 from kd_lightning.distill.methods import (
     DistillInputs,
     DistillMethod,
@@ -64,6 +63,7 @@ from kd_lightning.distill.methods import (
     pool_to_common,
     refuse_unknown,
 )
+from kd_lightning.distill.precision import compute_dtype, fp32_region
 
 __all__ = ["CONNECTORS", "ATLoss", "FitNetsLoss", "attention_map"]
 
@@ -148,8 +148,8 @@ class FitNetsLoss(DistillMethod):
             )
         _check_4d("FitNets", f_s, f_t)
         params = list(self.connector.parameters())
-        dtype = params[0].dtype if params else _compute_dtype(f_s, f_t)
-        with _fp32_region(f_s.device):
+        dtype = params[0].dtype if params else compute_dtype(f_s, f_t)
+        with fp32_region(f_s.device):
             mapped = self.connector(f_s.to(dtype))
             a, b = pool_to_common(mapped, f_t.detach().to(dtype))
             if a.shape[1] != b.shape[1]:
@@ -243,8 +243,8 @@ class ATLoss(DistillMethod):
 
     def pair_loss(self, f_s: Tensor, f_t: Tensor) -> Tensor:
         _check_4d("AT", f_s, f_t)
-        dtype = _compute_dtype(f_s, f_t)
-        with _fp32_region(f_s.device):
+        dtype = compute_dtype(f_s, f_t)
+        with fp32_region(f_s.device):
             a, b = pool_to_common(f_s.to(dtype), f_t.detach().to(dtype))
             return (attention_map(a, self.p) - attention_map(b, self.p)).pow(2).mean()
 

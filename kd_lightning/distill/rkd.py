@@ -46,7 +46,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.distill.losses import _compute_dtype, _fp32_region
 from kd_lightning.distill.methods import (
     DistillInputs,
     DistillMethod,
@@ -54,6 +53,7 @@ from kd_lightning.distill.methods import (
     flat_embedding,
     refuse_unknown,
 )
+from kd_lightning.distill.precision import compute_dtype, fp32_region
 
 __all__ = ["RKDLoss", "rkd_parts"]
 
@@ -191,8 +191,8 @@ def rkd_parts(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
             f"RKD expects embeddings (B, D) with the same B, got student {tuple(s.shape)} "
             f"and teacher {tuple(t.shape)}"
         )
-    dtype = _compute_dtype(s, t)
-    with _fp32_region(s.device):
+    dtype = compute_dtype(s, t)
+    with fp32_region(s.device):
         s = s.to(dtype)
         if s.shape[0] < 2:
             zero = s.sum() * 0.0

@@ -205,7 +205,7 @@ def quantized_distill_row(
     path = run_dir / MODEL_INT_FILE
     if not path.is_file():
         return None
-    from kd_lightning.distill.quant import unpack_quantized
+    from kd_lightning.distill.quant_pack import unpack_quantized
 
     try:
         state = unpack_quantized(torch.load(path, map_location="cpu", weights_only=True))

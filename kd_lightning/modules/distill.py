@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kd_lightning.data.cache import default_cache_dir
-from kd_lightning.data.datamodule import EpochSampler
+from kd_lightning.data.dataset import EpochSampler
 from kd_lightning.distill import DistillInputs, DistillMethod, FeatureHooks, KDLoss, NSTLoss
 from kd_lightning.distill.teacher_cache import LOGITS, CacheEpoch, TeacherCache, file_sha256
 from kd_lightning.modules.classifier import ClassifierModule, OptimizerFactory, SchedulerFactory

@@ -19,13 +19,8 @@ import torch
 from torch import nn
 
 from kd_lightning.artifacts import MODEL_INT_FILE, write_bytes_atomic
-from kd_lightning.distill.quant import (
-    attach_quantizers,
-    detach_quantizers,
-    pack_quantized,
-    packed_nbytes,
-    quantized_parameters,
-)
+from kd_lightning.distill.quant import attach_quantizers, detach_quantizers, quantized_parameters
+from kd_lightning.distill.quant_pack import pack_quantized, packed_nbytes
 from kd_lightning.models.networks import build_model
 from kd_lightning.modules.distill import DistillModule
 

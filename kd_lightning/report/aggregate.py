@@ -133,7 +133,8 @@ def paired_differences(
     """Each student row against base (same arch if base has one) over the seeds both ran.
 
     Rows with fewer than 2 shared seeds are left out: one pair cannot separate a method from
-    seed noise, which on this data is as large as the method effects (platform notes).
+    seed noise, which on this data is as large as the method effects (experiments/paper_cpu/
+    README.md: one method's per-seed ΔAUROC against Base changes sign from seed to seed).
     """
     metrics = list(dict.fromkeys(["test/acc", "test/auroc", metric]))
     bases = [r for r in rows if r["method"] == BASE_METHOD]

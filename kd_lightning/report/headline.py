@@ -57,7 +57,7 @@ def class_names(run: dict[str, Any]) -> list[str] | None:
     if not k or not data.get("path"):
         return None
     try:
-        from kd_lightning.data.sources import npz_class_names
+        from kd_lightning.data.npz import npz_class_names
 
         names = npz_class_names(data["path"], k)
     except Exception:  # unknown file name and K: the names are only a label

@@ -14,7 +14,7 @@ import torch
 
 from kd_lightning.artifacts import RUN_CONFIG_FILE
 from kd_lightning.data.datamodule import XRayDataModule
-from kd_lightning.distill.quant import unpack_quantized
+from kd_lightning.distill.quant_pack import unpack_quantized
 from kd_lightning.export import data_settings
 from kd_lightning.models.backbones import build_resnet
 from tests.cli import TINY, run_cli

@@ -471,7 +471,7 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoint(
     proc = _faulty(
         tmp_path,
         [*args, f"hydra.run.dir={run}"],
-        KD_FAULT_NAN="kd_lightning.distill.losses:NSTLoss.forward:3",
+        KD_FAULT_NAN="kd_lightning.distill.nst:NSTLoss.forward:3",
     )
     line = _one_error(proc, "training loss became nan at global step 2 (epoch 1, batch 0)")
     assert "non-finite term(s): train/nst_layer4;" in line and "train/ce" not in line

@@ -74,7 +74,7 @@ def _relpaths(dm: XRayDataModule, split: str) -> list[str]:
 
 
 def _patient(relpath: str) -> str:
-    from kd_lightning.data.sources import patient_id
+    from kd_lightning.data.kermany import patient_id
 
     return patient_id(Path(relpath).name)
 

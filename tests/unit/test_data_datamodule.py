@@ -14,8 +14,9 @@ import torch
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
 
-from kd_lightning.data import sources  # noqa: E402
+from kd_lightning.data import npz  # noqa: E402
 from kd_lightning.data.datamodule import XRayDataModule  # noqa: E402
+from kd_lightning.data.sources import SPLITS  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[2]
 SHARED_NPZ = PROJECT.parent / "shared" / "data" / "pneumoniamnist.npz"
@@ -31,7 +32,7 @@ def raw():
 def _small_npz(path: Path, n: int = 20) -> Path:
     rng = np.random.default_rng(1)
     arrays = {}
-    for split in sources.SPLITS:
+    for split in SPLITS:
         arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         arrays[f"{split}_labels"] = (np.arange(n) % 4 == 0).astype(np.uint8).reshape(n, 1)
     np.savez(path, **arrays)
@@ -92,7 +93,7 @@ def test_local_npz_with_other_md5_is_used_without_download(tmp_path, monkeypatch
     def no_download(*args, **kwargs):
         raise AssertionError("a download was attempted")
 
-    monkeypatch.setattr(sources, "_download", no_download)
+    monkeypatch.setattr(npz, "_download", no_download)
     path = _small_npz(tmp_path / "pneumoniamnist.npz")
     dm = XRayDataModule(str(path), image_size=32, batch_size=4)
     dm.prepare_data()
@@ -195,8 +196,8 @@ def test_yaml_transforms_build_without_albumentations_warnings(config, tmp_path)
     assert cfg.data.eval_transform is None
     assert cfg.data._target_ == "kd_lightning.data.datamodule.XRayDataModule"
     if config == "pneumoniamnist":
-        npz = _small_npz(tmp_path / "pneumoniamnist.npz")
-        dm = instantiate(cfg.data, path=str(npz), batch_size=4)
+        path = _small_npz(tmp_path / "pneumoniamnist.npz")
+        dm = instantiate(cfg.data, path=str(path), batch_size=4)
         dm.setup()
         x, y = next(iter(dm.train_dataloader()))
         assert x.shape == (4, 1, 32, 32) and y.dtype == torch.int64

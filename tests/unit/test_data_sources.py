@@ -9,15 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd_lightning.data import sources
-from kd_lightning.data.sources import (
-    ImageRecord,
-    carve_val,
-    ensure_npz,
-    load_npz,
-    patient_id,
-    stratified_subset,
-)
+from kd_lightning.data import npz
+from kd_lightning.data.kermany import ImageRecord, carve_val, patient_id
+from kd_lightning.data.npz import ensure_npz, load_npz
+from kd_lightning.data.sources import SPLITS, stratified_subset
 
 SHARED_NPZ = Path(__file__).resolve().parents[3] / "shared" / "data" / "pneumoniamnist.npz"
 needs_shared = pytest.mark.skipif(not SHARED_NPZ.is_file(), reason=f"{SHARED_NPZ} not present")
@@ -30,7 +25,7 @@ def _no_download(*args, **kwargs):
 def _write_npz(path: Path, n: int = 6, size: int = 28, **overrides) -> Path:
     rng = np.random.default_rng(0)
     arrays = {}
-    for split in sources.SPLITS:
+    for split in SPLITS:
         arrays[f"{split}_images"] = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
         arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(n, 1).astype(np.uint8)
     arrays.update(overrides)
@@ -41,7 +36,7 @@ def _write_npz(path: Path, n: int = 6, size: int = 28, **overrides) -> Path:
 
 @needs_shared
 def test_shared_npz_loads_with_official_splits_and_balance(monkeypatch):
-    monkeypatch.setattr(sources, "_download", _no_download)
+    monkeypatch.setattr(npz, "_download", _no_download)
     # md5 differs from the official file: it must be used as it is, never re-downloaded.
     assert ensure_npz(SHARED_NPZ) == SHARED_NPZ
     splits = load_npz(SHARED_NPZ)
@@ -59,9 +54,9 @@ def test_shared_npz_loads_with_official_splits_and_balance(monkeypatch):
 
 
 def test_local_file_with_other_md5_is_accepted_after_checks(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "_download", _no_download)
+    monkeypatch.setattr(npz, "_download", _no_download)
     path = _write_npz(tmp_path / "pneumoniamnist.npz")
-    assert sources.file_md5(path) != sources.MEDMNIST_FILES["pneumoniamnist.npz"][1]
+    assert npz.file_md5(path) != npz.MEDMNIST_FILES["pneumoniamnist.npz"][1]
     splits = load_npz(ensure_npz(path))
     assert splits["train"].images.shape == (6, 28, 28)
     assert splits["test"].labels.tolist() == [0, 1, 0, 1, 0, 1]
@@ -75,7 +70,7 @@ def test_labels_of_shape_n_are_accepted(tmp_path):
 def test_missing_file_download_failure_is_one_line_with_path_and_url(tmp_path, monkeypatch):
     # Port 9 (discard) on localhost refuses at once: a failing download without the network.
     bad_url = "http://127.0.0.1:9/pneumoniamnist.npz"
-    monkeypatch.setitem(sources.MEDMNIST_FILES, "pneumoniamnist.npz", (bad_url, "0" * 32))
+    monkeypatch.setitem(npz.MEDMNIST_FILES, "pneumoniamnist.npz", (bad_url, "0" * 32))
     target = tmp_path / "data" / "pneumoniamnist.npz"
     start = time.perf_counter()
     with pytest.raises(FileNotFoundError) as info:
@@ -90,9 +85,9 @@ def test_missing_file_download_failure_is_one_line_with_path_and_url(tmp_path, m
 
 
 def test_official_url_attempt_offline_fails_cleanly_within_timeout(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "DOWNLOAD_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(npz, "DOWNLOAD_TIMEOUT_S", 3.0)
     target = tmp_path / "pneumoniamnist.npz"
-    url, md5 = sources.MEDMNIST_FILES["pneumoniamnist.npz"]
+    url, md5 = npz.MEDMNIST_FILES["pneumoniamnist.npz"]
     start = time.perf_counter()
     try:
         ensure_npz(target)
@@ -100,7 +95,7 @@ def test_official_url_attempt_offline_fails_cleanly_within_timeout(tmp_path, mon
         assert str(target) in str(exc) and url in str(exc) and "\n" not in str(exc)
         assert not target.exists()
     else:  # a machine with network access: the official file must then be complete
-        assert sources.file_md5(target) == md5
+        assert npz.file_md5(target) == md5
     # DNS lookup, HEAD redirect probe and the https->http retry each get the socket timeout.
     assert time.perf_counter() - start < 30
 
@@ -110,7 +105,7 @@ def test_missing_file_without_download_names_path_and_url(tmp_path):
     with pytest.raises(FileNotFoundError, match="download=False") as info:
         ensure_npz(target, download=False)
     assert str(target) in str(info.value)
-    assert sources.MEDMNIST_FILES["pneumoniamnist_64.npz"][0] in str(info.value)
+    assert npz.MEDMNIST_FILES["pneumoniamnist_64.npz"][0] in str(info.value)
 
 
 def test_missing_unknown_name_says_where_to_put_it(tmp_path):

@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd_lightning.data import sources
-from kd_lightning.data.sources import (
+from kd_lightning.data import npz
+from kd_lightning.data.npz import (
     ensure_npz,
     load_npz,
     medmnist_set,
     npz_class_names,
     npz_medmnist_set,
 )
+from kd_lightning.data.sources import SPLITS
 
 medmnist = pytest.importorskip("medmnist")
 
@@ -30,7 +31,7 @@ def write_medmnist(path: Path, n_classes: int, channels: int = 1, size: int = 28
     rng = np.random.default_rng(0)
     shape = (n, size, size) if channels == 1 else (n, size, size, 3)
     arrays = {}
-    for split in sources.SPLITS:
+    for split in SPLITS:
         arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
         arrays[f"{split}_labels"] = (np.arange(n) % n_classes).reshape(n, 1).astype(np.uint8)
     np.savez(path, **arrays)
@@ -47,9 +48,9 @@ def test_set_metadata_comes_from_medmnist_info() -> None:
     pneu = medmnist_set("pneumoniamnist")
     assert pneu.file == "pneumoniamnist.npz" and pneu.label_names == ("normal", "pneumonia")
     # The official-file table the download uses is the same data.
-    assert sources.MEDMNIST_FILES["pneumoniamnist.npz"] == (info_url := pneu.url, pneu.md5)
-    assert sources.MEDMNIST_FILES["pneumoniamnist_28.npz"] == (info_url, pneu.md5)
-    assert sources.MEDMNIST_FILES["octmnist_224.npz"][1] == medmnist.INFO["octmnist"]["MD5_224"]
+    assert npz.MEDMNIST_FILES["pneumoniamnist.npz"] == (info_url := pneu.url, pneu.md5)
+    assert npz.MEDMNIST_FILES["pneumoniamnist_28.npz"] == (info_url, pneu.md5)
+    assert npz.MEDMNIST_FILES["octmnist_224.npz"][1] == medmnist.INFO["octmnist"]["MD5_224"]
 
 
 @pytest.mark.parametrize(
@@ -74,10 +75,10 @@ def test_bad_flags_and_sizes_are_one_line_errors(flag: str, size: int, message: 
 
 
 def test_multiclass_rgb_set_keeps_three_channels_and_its_labels(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(sources, "_download", _no_download)
+    monkeypatch.setattr(npz, "_download", _no_download)
     path = write_medmnist(tmp_path / "bloodmnist.npz", n_classes=8, channels=3)
     # Not the official md5: accepted after the structure checks, as the shared PneumoniaMNIST copy.
-    assert sources.file_md5(path) != medmnist_set("bloodmnist").md5
+    assert npz.file_md5(path) != medmnist_set("bloodmnist").md5
     splits = load_npz(ensure_npz(path), num_classes=8, in_channels=3)
     assert splits["train"].images.shape == (8, 28, 28, 3)
     assert sorted(set(splits["test"].labels.tolist())) == list(range(8))
@@ -104,13 +105,13 @@ def test_wrong_class_count_names_the_right_one(tmp_path) -> None:
 
 
 def test_multilabel_files_are_refused_before_any_download(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(sources, "_download", _no_download)
+    monkeypatch.setattr(npz, "_download", _no_download)
     with pytest.raises(ValueError, match="multi-label is not supported yet"):
         ensure_npz(tmp_path / "chestmnist_64.npz")
     # A multi-label file under another name: refused by its labels.
     rng = np.random.default_rng(0)
     arrays = {}
-    for split in sources.SPLITS:
+    for split in SPLITS:
         arrays[f"{split}_images"] = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
         arrays[f"{split}_labels"] = rng.integers(0, 2, (4, 14), dtype=np.uint8)
     np.savez(tmp_path / "mine.npz", **arrays)
@@ -119,13 +120,13 @@ def test_multilabel_files_are_refused_before_any_download(tmp_path, monkeypatch)
 
 
 def test_size_28_name_uses_medmnists_own_file_beside_it(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(sources, "_download", _no_download)
+    monkeypatch.setattr(npz, "_download", _no_download)
     own = write_medmnist(tmp_path / "pneumoniamnist.npz", n_classes=2)
     assert ensure_npz(tmp_path / "pneumoniamnist_28.npz") == own
 
 
 def test_offline_download_of_another_flag_names_file_and_url(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(sources, "DOWNLOAD_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(npz, "DOWNLOAD_TIMEOUT_S", 3.0)
     target = tmp_path / "dermamnist_128.npz"
     url = medmnist.INFO["dermamnist"]["url_128"]
     start = time.perf_counter()
@@ -135,7 +136,7 @@ def test_offline_download_of_another_flag_names_file_and_url(tmp_path, monkeypat
         assert str(target) in str(exc) and url in str(exc) and "\n" not in str(exc)
         assert not target.exists() and list(tmp_path.iterdir()) == []
     else:  # a machine with network access: the official file must then be complete
-        assert sources.file_md5(target) == medmnist.INFO["dermamnist"]["MD5_128"]
+        assert npz.file_md5(target) == medmnist.INFO["dermamnist"]["MD5_128"]
     assert time.perf_counter() - start < 30
 
 
@@ -150,7 +151,7 @@ def test_sources_stay_torch_free() -> None:
     import sys
 
     code = (
-        "import sys, kd_lightning.data.sources as s; "
+        "import sys, kd_lightning.data.npz as s, kd_lightning.data.kermany; "
         "assert s.MEDMNIST_INFO; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

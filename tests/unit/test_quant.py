@@ -13,12 +13,14 @@ from kd_lightning.distill.quant import (
     attach_quantizers,
     bucket_scale,
     detach_quantizers,
-    pack_codes,
-    pack_quantized,
-    packed_nbytes,
     quantize_tensor,
     quantized_parameters,
     uniform_codes,
+)
+from kd_lightning.distill.quant_pack import (
+    pack_codes,
+    pack_quantized,
+    packed_nbytes,
     unpack_codes,
     unpack_quantized,
 )

@@ -13,7 +13,8 @@ import torch
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
 
-from kd_lightning.data.datamodule import EpochSampler, XRayDataModule  # noqa: E402
+from kd_lightning.data.datamodule import XRayDataModule  # noqa: E402
+from kd_lightning.data.dataset import EpochSampler  # noqa: E402
 from kd_lightning.distill import KDLoss, NSTLoss  # noqa: E402
 from kd_lightning.modules.classifier import ClassifierModule  # noqa: E402
 from kd_lightning.modules.distill import DistillModule  # noqa: E402

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 
 from kd_lightning.data.datamodule import XRayDataModule
 from kd_lightning.distill import FitNetsLoss, KDLoss, NSTLoss
-from kd_lightning.distill.quant import packed_nbytes, unpack_quantized
+from kd_lightning.distill.quant_pack import packed_nbytes, unpack_quantized
 from kd_lightning.models.backbones import build_resnet
 from kd_lightning.modules.quantized import MODEL_INT_FILE, QuantizedDistillModule
 
