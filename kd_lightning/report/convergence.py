@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kd_lightning.artifacts import BASE_METHOD
 from kd_lightning.report.aggregate import base_candidates
 from kd_lightning.report.figures import axis_values, study_axes
 from kd_lightning.report.statistics import t_interval
@@ -64,7 +65,7 @@ def convergence_rows(students: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
         curves = [run["epoch_test"] for run in row["runs"] if run.get("epoch_test")]
         if curves:
             with_curves.append((row, curves))
-    bases = [row for row, _ in with_curves if row["method"] == "base"]
+    bases = [row for row, _ in with_curves if row["method"] == BASE_METHOD]
     base_curves = {id(row): curves for row, curves in with_curves}
     entries = []
     for row, curves in with_curves:

@@ -28,7 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from kd_lightning.artifacts import ArtifactError, Predictions, has_predictions, read_predictions
+from kd_lightning.artifacts import (
+    BASE_METHOD,
+    ArtifactError,
+    Predictions,
+    has_predictions,
+    read_predictions,
+)
 from kd_lightning.report import statistics as st
 from kd_lightning.report.aggregate import base_candidates
 from kd_lightning.report.reading import ReportError
@@ -159,12 +165,12 @@ def paired_against_base(
     """Each student row against the Base row of its architecture (or the only Base row), seed by
     seed on the same test images, then across seeds, with Holm over the methods compared."""
     notes: list[str] = []
-    bases = [r for r in rows if r["method"] == "base"]
+    bases = [r for r in rows if r["method"] == BASE_METHOD]
     n_resamples = int(evaluation.get("bootstrap_resamples", 2000))
     seed = int(evaluation.get("bootstrap_seed", 0))
     results = []
     for row in rows:
-        if row["method"] == "base" or not bases:
+        if row["method"] == BASE_METHOD or not bases:
             continue
         candidates = base_candidates(row, bases)
         if len(candidates) != 1:
