@@ -45,7 +45,8 @@ EPOCH_TEST_FILE = "epoch_test.json"
 
 # Method labels (summary.json's `method`): the report groups runs by them, puts the paper's in
 # its table order first (PAPER_METHODS) and pairs every student method with BASE_METHOD. A chain
-# step's method must be one of METHODS or the step's own name (kd_lightning.chain.check_method).
+# step's method must be one of METHODS or the step's own name
+# (kd_lightning.chain_plan.check_method).
 BASE_METHOD = "base"
 PAPER_METHODS = (
     BASE_METHOD,

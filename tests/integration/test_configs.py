@@ -11,7 +11,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from kd_lightning.chain import plan_steps
+from kd_lightning.chain_plan import plan_steps
 from kd_lightning.conf_path import config_dir
 from kd_lightning.run import run_stage
 

@@ -15,7 +15,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kd_lightning.chain import compose_step, plan_steps
+from kd_lightning.chain import compose_step
+from kd_lightning.chain_plan import plan_steps
 from kd_lightning.conf_path import config_dir
 
 GOLDEN = Path(__file__).with_name("chain_plans.json")

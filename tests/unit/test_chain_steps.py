@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from kd_lightning import chain
 from kd_lightning.artifacts import METHODS, PAPER_METHODS
-from kd_lightning.chain import ChainStep, chain_steps, compose_step, plan_steps
+from kd_lightning.chain import compose_step
+from kd_lightning.chain_plan import ChainStep, chain_steps, plan_steps
 from kd_lightning.conf_path import config_dir
 
 

@@ -3,7 +3,6 @@ file-name parsing, patient-grouped validation carving and stratified subsets."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -67,15 +66,16 @@ def test_labels_of_shape_n_are_accepted(tmp_path):
     assert load_npz(path)["val"].labels.tolist() == [1, 0, 1, 0, 1, 0]
 
 
-def test_missing_file_download_failure_is_one_line_with_path_and_url(tmp_path, monkeypatch):
+def test_missing_file_download_failure_is_one_line_with_path_and_url(
+    tmp_path, monkeypatch, connection_timeouts
+):
     # Port 9 (discard) on localhost refuses at once: a failing download without the network.
     bad_url = "http://127.0.0.1:9/pneumoniamnist.npz"
     monkeypatch.setitem(npz.MEDMNIST_FILES, "pneumoniamnist.npz", (bad_url, "0" * 32))
     target = tmp_path / "data" / "pneumoniamnist.npz"
-    start = time.perf_counter()
     with pytest.raises(FileNotFoundError) as info:
         ensure_npz(target)
-    assert time.perf_counter() - start < 10
+    assert connection_timeouts and set(connection_timeouts) == {npz.DOWNLOAD_TIMEOUT_S}
     message = str(info.value)
     assert "\n" not in message
     assert f"put the file at {target}" in message and bad_url in message
@@ -84,11 +84,12 @@ def test_missing_file_download_failure_is_one_line_with_path_and_url(tmp_path, m
     assert list((tmp_path / "data").iterdir()) == []
 
 
-def test_official_url_attempt_offline_fails_cleanly_within_timeout(tmp_path, monkeypatch):
+def test_official_url_attempt_offline_fails_cleanly_within_timeout(
+    tmp_path, monkeypatch, connection_timeouts
+):
     monkeypatch.setattr(npz, "DOWNLOAD_TIMEOUT_S", 3.0)
     target = tmp_path / "pneumoniamnist.npz"
     url, md5 = npz.MEDMNIST_FILES["pneumoniamnist.npz"]
-    start = time.perf_counter()
     try:
         ensure_npz(target)
     except FileNotFoundError as exc:
@@ -96,8 +97,9 @@ def test_official_url_attempt_offline_fails_cleanly_within_timeout(tmp_path, mon
         assert not target.exists()
     else:  # a machine with network access: the official file must then be complete
         assert npz.file_md5(target) == md5
-    # DNS lookup, HEAD redirect probe and the https->http retry each get the socket timeout.
-    assert time.perf_counter() - start < 30
+    # The HEAD redirect probe and the https->http retry each connect with the download timeout
+    # (a DNS failure may stop before any connection, leaving nothing to check).
+    assert set(connection_timeouts) <= {3.0}
 
 
 def test_missing_file_without_download_names_path_and_url(tmp_path):
