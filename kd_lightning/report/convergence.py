@@ -39,11 +39,17 @@ def epochs_to(curve: dict[int, dict[str, float]], target: float) -> int | None:
     return None
 
 
-def _interval(values: Sequence[float]) -> dict[str, Any]:
+def _interval(values: Sequence[float], bounds: tuple[float, float] = (0.0, 1.0)) -> dict[str, Any]:
+    """Mean and t interval, clipped to the quantity's range (a metric in [0, 1], epochs in
+    [1, last epoch]) as the study tables clip theirs: with 2-3 seeds the t quantile is large."""
     if not values:
         return {"mean": None, "low": None, "high": None, "n": 0}
     stats = t_interval(values)
-    return {k: stats[k] for k in ("mean", "low", "high", "n")}
+    out = {k: stats[k] for k in ("mean", "low", "high", "n")}
+    for key in ("low", "high"):
+        if out[key] is not None:
+            out[key] = min(max(out[key], bounds[0]), bounds[1])
+    return out
 
 
 def _final(curve: dict[int, dict[str, float]]) -> float:
@@ -98,7 +104,7 @@ def convergence_rows(students: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
         entry["targets"] = {}
         for name, target in targets.items():
             reached = [x for x in (epochs_to(c, target) for c in curves) if x is not None]
-            stats = _interval([float(x) for x in reached])
+            stats = _interval([float(x) for x in reached], (1.0, float(max(epochs) + 1)))
             entry["targets"][name] = {
                 **stats,
                 "target": target,

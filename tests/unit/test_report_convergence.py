@@ -194,3 +194,27 @@ def test_a_malformed_epoch_test_file_is_one_line_naming_it(tmp_path: Path) -> No
     with pytest.raises(report.ReportError, match="epoch_test.json") as err:
         report.collect_runs([root])
     assert "\n" not in str(err.value) and "expected a list" in str(err.value)
+
+
+def test_intervals_are_clipped_to_the_range_of_their_quantity(tmp_path: Path) -> None:
+    # Two seeds far apart: the raw t interval (t_0.975, df=1 = 12.7) leaves [0, 1] and [1, 5].
+    root = tmp_path / "study"
+    for seed, first in ((0, 0.55), (1, 0.95)):
+        run_dir = _stage(
+            root / f"at_s{seed}", "at", "at", "student", seed, "resnet18", 0.8, 0.9, curves=False
+        )
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary["epoch_test"] = [
+            {"epoch": e, "auroc": a, "acc": a}
+            for e, a in enumerate(
+                [first, 0.9, 0.9, 0.9, 0.9] if seed else [first, 0.6, 0.7, 0.8, 0.95]
+            )
+        ]
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    (entry,) = convergence_rows(student_rows(report.collect_runs([root])))
+    raw = t_interval([0.55, 0.95])
+    assert raw["low"] < 0.0 and raw["high"] > 1.0
+    assert (entry["first"]["low"], entry["first"]["high"]) == (0.0, 1.0)
+    assert entry["first"]["mean"] == pytest.approx(0.75)
+    to_90 = entry["targets"]["0.90"]  # epoch 5 and epoch 1: raw interval [-22.4, 28.4]
+    assert (to_90["mean"], to_90["low"], to_90["high"]) == (3.0, 1.0, 5.0)

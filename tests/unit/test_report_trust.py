@@ -249,3 +249,20 @@ def test_stored_statistics_are_reused_only_when_computed_with_the_same_settings(
     assert same[0]["stats"]["thresholds"]["youden"] == 0.123
     assert other[0]["stats"]["thresholds"]["youden"] == fresh[0]["stats"]["thresholds"]["youden"]
     assert other[0]["stats"]["n_resamples"] == 400
+
+
+def test_equal_per_seed_differences_take_the_largest_per_seed_p() -> None:
+    from kd_lightning.report import trust
+
+    # ACC moved by the same 2 of 624 images in both seeds: no variance for the t-test, and
+    # neither seed's own McNemar test is significant, so neither is the combination.
+    seeds = [
+        {"diff": 2 / 624, "low": -0.02, "high": 0.03, "p": 0.904, "test": "McNemar"},
+        {"diff": 2 / 624, "low": -0.02, "high": 0.03, "p": 0.875, "test": "McNemar"},
+    ]
+    combined = trust._combined(seeds)
+    assert combined["p"] == 0.904 and combined["test"].startswith("largest per-seed p")
+    strong = [dict(s, p=0.001) for s in seeds]
+    assert trust._combined(strong)["p"] == 0.001
+    varied = [seeds[0], dict(seeds[1], diff=4 / 624)]
+    assert trust._combined(varied)["test"] == "t-test over seeds"
