@@ -261,3 +261,21 @@ def test_torchvision_config_composes_with_arch_following_name() -> None:
     assert model["arch"] == "densenet121" and cfg.name == "densenet121"
     assert OmegaConf.to_container(timm_cfg.model, resolve=True)["family"] == "timm"
     assert build_model(model, int(cfg.data.num_classes)).classifier.out_features == 2
+
+
+def test_bn_momentum_sets_every_batchnorm_and_null_keeps_the_networks_own() -> None:
+    from torch import nn
+
+    from kd_lightning.models.networks import build_model
+
+    def momenta(net):
+        return {m.momentum for m in net.modules() if isinstance(m, nn.BatchNorm2d)}
+
+    spec = {"family": "torchvision", "name": "mobilenet_v3_small", "in_channels": 1}
+    assert momenta(build_model(spec)) == {0.01}  # torchvision's own
+    assert momenta(build_model({**spec, "bn_momentum": 0.1})) == {0.1}
+    resnet = {"family": "resnet", "arch": "resnet18", "in_channels": 1, "bn_momentum": 0.3}
+    assert momenta(build_model(resnet)) == {0.3}
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=rf"model.bn_momentum={bad}; expected a number in"):
+            build_model({**spec, "bn_momentum": bad})
