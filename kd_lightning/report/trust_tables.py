@@ -180,10 +180,14 @@ def _paired_markdown(paired: Sequence[dict[str, Any]], md_table: Any, k: int = 2
         "verdict at 5% after Holm. Differences in percentage points.",
         "",
     ]
+    # Students of several networks (deploy_cpu): the same method appears once per network, each
+    # paired with that network's Base, so the row must say which.
+    several_archs = len({result["arch"] for result in paired}) > 1
     for metric, title in paired_titles(k):
         lines += [f"### Δ {title}", ""]
         header = [
             "method",
+            *(["arch"] if several_archs else []),
             "per seed: Δ (p)",
             "mean Δ [95% interval]",
             "wins",
@@ -202,6 +206,7 @@ def _paired_markdown(paired: Sequence[dict[str, Any]], md_table: Any, k: int = 2
             body.append(
                 [
                     _row_name(result),
+                    *([result["arch"]] if several_archs else []),
                     per_seed,
                     _signed_interval(combined),
                     f"{combined['wins']}/{combined['n']}",

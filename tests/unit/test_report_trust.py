@@ -266,3 +266,24 @@ def test_equal_per_seed_differences_take_the_largest_per_seed_p() -> None:
     assert trust._combined(strong)["p"] == 0.001
     varied = [seeds[0], dict(seeds[1], diff=4 / 624)]
     assert trust._combined(varied)["test"] == "t-test over seeds"
+
+
+def test_paired_rows_name_the_network_when_a_study_pairs_several() -> None:
+    from kd_lightning.report.tables import _md_table as md_table
+    from kd_lightning.report.trust_tables import _paired_markdown
+
+    def result(arch: str, diff: float) -> dict:
+        item = {"diff": diff, "low": diff - 0.01, "high": diff + 0.01, "p": 0.2, "test": "DeLong"}
+        combined = {**item, "mean": diff, "n": 1, "wins": 1, "p_holm": 0.4}
+        combined["verdict"] = "not distinguishable"
+        seeds = [{"seed": 0, "auroc": item, "acc": item}]
+        return {"method": "kd", "config": "", "arch": arch, "seeds": seeds, "auroc": combined,
+                "acc": combined}  # fmt: skip
+
+    two = "\n".join(
+        _paired_markdown([result("resnet18", 0.01), result("mobilenet", -0.02)], md_table)
+    )
+    assert "| method | arch | per seed" in two
+    assert "| kd | resnet18 | s0: +1.00" in two and "| kd | mobilenet | s0: -2.00" in two
+    one = "\n".join(_paired_markdown([result("resnet18", 0.01)], md_table))
+    assert "| method | per seed" in one and "| arch |" not in one
