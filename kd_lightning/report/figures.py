@@ -342,13 +342,16 @@ def convergence_figure(entries: Sequence[dict[str, Any]]) -> Figure:
         for row, (metric, name) in enumerate((("auroc", "test AUROC"), ("acc", "test ACC"))):
             ax = axes[row][col]
             for entry in (e for e in entries if e["panel"] == panel):
-                color = colors[labels.index(entry["label"]) % len(colors)]
+                index = labels.index(entry["label"])
+                color = colors[index % len(colors)]
                 curve = entry[metric]
                 ax.plot(
                     entry["epochs"],
                     curve["mean"],
                     marker=".",
                     color=color,
+                    # More methods than colours (methods_cpu has 11): the next cycle is dashed.
+                    linestyle=("-", "--", ":")[index // len(colors) % 3],
                     label=f"{entry['label']} (n={entry['n']})",
                 )
                 if entry["n"] > 1:
