@@ -178,12 +178,13 @@ def chain_steps(cfg: DictConfig) -> list[ChainStep]:
     teacher = cfg.chain.get("teacher")
     if teacher is None:
         teacher = f"{prefix}{archs[0]}"
+        choices, values = _network(archs[0])
         steps.append(
             ChainStep(
                 name=teacher,
                 shared=True,
-                choices=_network(archs[0])[0],
-                values={**_network(archs[0])[1], "role": "teacher", "method": "supervised"},
+                choices=choices,
+                values={**values, "role": "teacher", "method": "supervised"},
             )
         )
     for index, arch in enumerate(archs[1:], start=1):
@@ -191,15 +192,16 @@ def chain_steps(cfg: DictConfig) -> list[ChainStep]:
         name = (
             str(cfg.chain.get("student_name") or f"{prefix}{arch}") if last else f"{prefix}{arch}"
         )
+        choices, values = _network(arch)
         steps.append(
             ChainStep(
                 name=name,
                 teacher=str(teacher),
-                choices={**_network(arch)[0], **hop.choices},
+                choices={**choices, **hop.choices},
                 # The previous architecture is what this hop's teacher must be: a checkpoint of
                 # another architecture is refused before training.
                 values={
-                    **_network(arch)[1],
+                    **values,
                     **hop.values,
                     "module.teacher_model": {"arch": archs[index - 1].removeprefix("timm/")},
                     "role": "student" if last else "ta",
