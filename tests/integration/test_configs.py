@@ -27,6 +27,7 @@ ONE_BATCH = [
     "data.image_size=32",
     "data.path=${data_dir}/pneumoniamnist.npz",
     "logger=csv",
+    "callbacks.model_checkpoint.save_last=false",  # a one-batch run is never resumed; saves a copy
 ]
 
 
