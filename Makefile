@@ -46,6 +46,7 @@ bench: install
 	$(PY) benchmarks/bench_distill.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_methods.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_teacher_pass.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_study.py $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -130,6 +130,7 @@ class EpochTestEvaluation(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         from kd_lightning.artifacts import write_json_atomic
         from kd_lightning.modules.metrics import StageMetrics
+        from kd_lightning.predict import inference_loader
 
         datamodule = trainer.datamodule
         datamodule.setup("test")
@@ -138,7 +139,7 @@ class EpochTestEvaluation(Callback):
         module.eval()
         clear = getattr(module, "clear_features", None)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            for batch in datamodule.test_dataloader():
+            for batch in inference_loader(datamodule.test_dataloader()):
                 images, targets = batch[0].to(module.device), batch[1].to(module.device)
                 metrics.update(module(images).float().cpu(), targets.cpu())
                 if clear is not None:

@@ -367,20 +367,20 @@ def _check_methods(methods: Mapping[str, Any] | None) -> dict[str, DistillMethod
 
 
 def _check_cache_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """module.teacher_cache: {enabled: bool, dir: path or null, max_gb: number >= 0}."""
+    """teacher_cache (conf/config.yaml): {enabled: bool, dir: path or null, max_gb: number >= 0}."""
     out = {"enabled": False, "dir": None, "max_gb": 4.0}
     if config is None:
         return out
     if not isinstance(config, Mapping) or set(config) - set(out):
         raise ValueError(
-            f"module.teacher_cache={config!r}: expected a mapping with keys enabled, dir, max_gb"
+            f"teacher_cache={config!r}: expected a mapping with keys enabled, dir, max_gb"
         )
     out.update(config)
     if not isinstance(out["enabled"], bool):
-        raise ValueError(f"module.teacher_cache.enabled={out['enabled']!r}: expected true/false")
+        raise ValueError(f"teacher_cache.enabled={out['enabled']!r}: expected true/false")
     max_gb = out["max_gb"]
     if isinstance(max_gb, bool) or not isinstance(max_gb, (int, float)) or not max_gb >= 0:
-        raise ValueError(f"module.teacher_cache.max_gb={max_gb!r}: expected a number >= 0")
+        raise ValueError(f"teacher_cache.max_gb={max_gb!r}: expected a number >= 0")
     out["dir"] = Path(out["dir"]).expanduser() if out["dir"] else None
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ def test_make_bench_quick_prints_every_table() -> None:
         env=cli_env(),
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=2400,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
@@ -44,5 +45,9 @@ def test_make_bench_quick_prints_every_table() -> None:
         "module / hand (step)",  # bench_distill throughput
         "without teacher term",  # bench_distill NST share
         "share of student-only step",  # bench_methods: each method's share and peak memory
+        "bf16 + channels_last",  # bench_teacher_pass: precision and layout
+        "cached / live (study wall)",  # bench_study: a whole study with and without the cache
     ):
         assert header in out, f"missing {header!r} in make bench output:\n{out[-3000:]}"
+    # A float32 study trained from the teacher cache must test exactly as with the live teacher.
+    assert re.search(r"\| [\d.]+x \| [\d.]+x \| (yes|NO) \| yes \|", out), out[-2000:]

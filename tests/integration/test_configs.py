@@ -153,6 +153,24 @@ def test_every_chain_step_composes() -> None:
         assert has_teacher == cfg.module._target_.endswith("DistillModule"), label
 
 
+def test_one_override_switches_the_teacher_cache_for_every_step_of_a_study() -> None:
+    """`teacher_cache.enabled=false` on a study's command line composes for its teacher and Base
+    steps (which have no teacher) and reaches every distillation step's module."""
+    seen = set()
+    for label, overrides, has_teacher in CHAIN_STEPS:
+        extra = ["module.teacher=/x"] if has_teacher else []
+        cfg = _compose(
+            [*overrides, *extra, "teacher_cache.enabled=false", "teacher_cache.max_gb=0.5"]
+        )
+        if has_teacher:
+            cache = OmegaConf.to_container(cfg.module.teacher_cache, resolve=True)
+            assert cache == {"enabled": False, "dir": None, "max_gb": 0.5}, label
+        seen.add(has_teacher)
+    assert seen == {True, False}
+    default = _compose(["+experiment=kd", "module.teacher=/x"]).module.teacher_cache
+    assert default.enabled is True and default.max_gb == 4.0
+
+
 @functools.cache
 def _distinct_step_kinds() -> dict[tuple[str, str], tuple[str, list[str], bool]]:
     kinds = {}
