@@ -75,9 +75,15 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*but have no `val_dataloader`.*")
 
 
-def make_trainer(max_steps: int, callbacks: Sequence[L.Callback]) -> L.Trainer:
+def make_trainer(
+    max_steps: int,
+    callbacks: Sequence[L.Callback],
+    accelerator: str = "cpu",
+    precision: str = "32-true",
+) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
+        precision=precision,
         devices=1,
         max_steps=max_steps,
         logger=False,
@@ -169,7 +175,7 @@ class StepTimer(L.Callback):
         self._seen = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        now = time.perf_counter()
+        now = _now()
         if self._start is not None and self._seen > self.warmup:
             self.cycles.append(now - self._start)
         self._start = now
@@ -178,17 +184,32 @@ class StepTimer(L.Callback):
         assert self._start is not None
         self._seen += 1
         if self._seen > self.warmup:
-            self.steps.append(time.perf_counter() - self._start)
+            self.steps.append(_now() - self._start)
 
 
-def run_module(module: L.LightningModule, loader: DataLoader, warmup: int) -> StepTimer:
+def _now() -> float:
+    """perf_counter after the GPU's queued work is done (CUDA kernels run asynchronously)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def run_module(
+    module: L.LightningModule,
+    loader: DataLoader,
+    warmup: int,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
+) -> StepTimer:
     timer = StepTimer(warmup)
-    make_trainer(len(loader), [timer]).fit(module, loader)
+    make_trainer(len(loader), [timer], accelerator, precision).fit(module, loader)
     return timer
 
 
 class HandLoop:
-    """The same distillation step in plain PyTorch: forward hooks into dicts, Adam, no Lightning."""
+    """The same distillation step in plain PyTorch: forward hooks into dicts, Adam, no Lightning.
+    On `device`; with `bf16` the forwards run under bf16 autocast, as Trainer(precision=
+    "bf16-mixed") runs them (the losses turn autocast off and compute in float32 themselves)."""
 
     def __init__(
         self,
@@ -199,9 +220,13 @@ class HandLoop:
         kd_weight: float,
         temp: float,
         sample: torch.Tensor,
+        device: torch.device | str = "cpu",
+        bf16: bool = False,
     ) -> None:
-        self.student = student.train()
-        self.teacher = teacher.requires_grad_(False).eval()
+        self.device, self.bf16 = torch.device(device), bf16
+        sample = sample.to(self.device)
+        self.student = student.to(self.device).train()
+        self.teacher = teacher.to(self.device).requires_grad_(False).eval()
         self.layers = tuple(layers)
         self.nst_weight, self.kd_weight = nst_weight, kd_weight
         self.kd = KDLoss(temperature=temp)
@@ -234,15 +259,18 @@ class HandLoop:
         return hook
 
     def step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        images, targets = images.to(self.device), targets.to(self.device)
         self.opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
-        logits = self.student(images)
-        loss = F.cross_entropy(logits, targets)
-        for name in self.layers:
-            loss = loss + self.nst_weight * self.nst[name](self.s_feats[name], self.t_feats[name])
-        if self.kd_weight:
-            loss = loss + self.kd_weight * self.kd(logits, teacher_logits)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+            logits = self.student(images)
+            loss = F.cross_entropy(logits, targets)
+            for name in self.layers:
+                nst = self.nst[name](self.s_feats[name], self.t_feats[name])
+                loss = loss + self.nst_weight * nst
+            if self.kd_weight:
+                loss = loss + self.kd_weight * self.kd(logits, teacher_logits)
         loss.backward()
         self.opt.step()
         self.s_feats.clear()
@@ -336,13 +364,17 @@ def throughput_section(args: argparse.Namespace, ckpts: dict[str, Path]) -> list
                 args.kd_weight,
                 args.temperature,
                 dataset.tensors[0][:1],
+                "cuda" if args.accelerator == "gpu" else "cpu",
+                args.precision == "bf16-mixed",
             )
             mod_timers, hand_timers = [], []
             for r in range(args.rounds):
                 order = ("module", "hand") if r % 2 == 0 else ("hand", "module")
                 for which in order:
                     if which == "module":
-                        mod_timers.append(run_module(module, loader, warmup))
+                        mod_timers.append(
+                            run_module(module, loader, warmup, args.accelerator, args.precision)
+                        )
                     else:
                         hand_timers.append(hand.run(loader, warmup))
             m_step = statistics.median(t for tm in mod_timers for t in tm.steps)
@@ -360,6 +392,9 @@ def throughput_section(args: argparse.Namespace, ckpts: dict[str, Path]) -> list
                 f"{'-' if ratio_cyc is None else f'{ratio_cyc:.3f}'} | "
                 f"{'yes' if ok else 'NO'} |"
             )
+            if args.accelerator != "cpu":
+                del module, hand, student, teacher
+                continue  # the share table is this CPU's cost model; on a GPU: throughput only
             images = dataset.tensors[0][:batch]
             nst_ms, nst_forms = nst_terms_ms(module, images, args.reps)
             drop_ms, drop_forms = nst_terms_ms(module, images, args.reps, teacher_term=False)
@@ -588,6 +623,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[], choices=["layer1", "memory"])
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--nst-memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -614,10 +651,15 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     quiet_lightning()
 
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        parser.error("--accelerator gpu: no CUDA device (torch.cuda.is_available() is False)")
+    if args.accelerator == "gpu":
+        args.skip = sorted(set(args.skip) | {"layer1", "memory"})  # both measure this CPU
     threads = torch.get_num_threads()
+    device = torch.cuda.get_device_name(0) if args.accelerator == "gpu" else "CPU"
     print(
         f"# Distillation step benchmark: torch {torch.__version__}, lightning {L.__version__}, "
-        f"CPU, {threads} threads, float32{' (--quick)' if quick else ''}\n"
+        f"{device}, {threads} threads, {args.precision}{' (--quick)' if quick else ''}\n"
     )
     with tempfile.TemporaryDirectory() as tmp:
         ckpts = {

@@ -70,13 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 epoch of 2 batches (a smoke run)")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "overrides", nargs="*", help="more CLI overrides for both modes (e.g. trainer=gpu)"
+    )
     args = parser.parse_args(argv)
     import torch
 
     print(
         f"# Whole-study benchmark: methods_cpu, torch {torch.__version__}, CPU, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}\n\n"
-        f"Overrides: {' '.join(budget(args.quick))}\n",
+        f"Overrides: {' '.join([*budget(args.quick), *args.overrides])}\n",
         flush=True,
     )
     walls: dict[str, list[float]] = {m: [] for m in MODES}
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
             for mode in order:
                 work = Path(tmp) / f"r{r}_{mode.split()[0]}"
                 work.mkdir()
-                walls[mode].append(run_study(work, [*budget(args.quick), *MODES[mode]]))
+                overrides = [*budget(args.quick), *args.overrides, *MODES[mode]]
+                walls[mode].append(run_study(work, overrides))
                 results[mode] = steps(work)
                 fits[mode].append(sum(s["fit_seconds"] for s in results[mode].values()))
                 print(f"round {r}: {mode}: {walls[mode][-1]:.0f} s", flush=True)

@@ -51,3 +51,28 @@ def test_make_bench_quick_prints_every_table() -> None:
         assert header in out, f"missing {header!r} in make bench output:\n{out[-3000:]}"
     # A float32 study trained from the teacher cache must test exactly as with the live teacher.
     assert re.search(r"\| [\d.]+x \| [\d.]+x \| (yes|NO) \| yes \|", out), out[-2000:]
+
+
+def test_the_distillation_step_bench_runs_under_bf16_autocast() -> None:
+    """gpu_check.sh's bf16 path (module under Trainer(precision="bf16-mixed") vs the hand loop
+    under bf16 autocast), here on the CPU at a tiny size."""
+    args = ["--quick", "--precision", "bf16-mixed", "--size", "32", "--steps", "2"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_distill.py"),
+            *args,
+            "--skip",
+            "layer1",
+            "memory",
+        ],
+        cwd=ROOT,
+        env=cli_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "bf16-mixed" in proc.stdout.splitlines()[0]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| resnet50 -> resnet18")]
+    assert len(rows) == 4, proc.stdout  # two throughput rows, two NST-share rows
