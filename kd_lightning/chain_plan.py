@@ -226,13 +226,16 @@ def _network(arch: str) -> tuple[dict[str, str], dict[str, str]]:
 def _axis_values(cfg: DictConfig) -> list[dict[str, tuple[str, Any]]]:
     """`chain.axes` ({axis name: {key: config key, values: [...]}}) as one {name: (key, value)}
     per combination, in order; [{}] without axes. Every non-shared step runs once per
-    combination (e.g. `chain.axes.labeled_fraction.values=[0.03,1.0]` on the command line)."""
+    combination (e.g. `chain.axes.labeled_fraction.values=[0.03,1.0]` on the command line). An
+    axis set to null is removed, as a step is (an experiment built on one with axes)."""
     raw = cfg.chain.get("axes")
     axes = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else raw or {}
     if not isinstance(axes, dict):
         raise ValueError(f"chain.axes={axes!r}: expected {{name: {{key: ..., values: [...]}}}}")
     combos: list[dict[str, tuple[str, Any]]] = [{}]
     for name, axis in axes.items():
+        if axis is None:
+            continue
         values = axis.get("values") if isinstance(axis, dict) else None
         if not isinstance(axis, dict) or not axis.get("key") or not isinstance(values, list):
             raise ValueError(

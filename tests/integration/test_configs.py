@@ -276,3 +276,9 @@ def test_chain_axes_errors_are_one_line() -> None:
         plan_steps(_compose(["+experiment=scarce_cpu", "chain.axes.labeled_fraction=0.1"]))
     with pytest.raises(ValueError, match="chain.axes.labeled_fraction.values is empty"):
         plan_steps(_compose(["+experiment=scarce_cpu", "chain.axes.labeled_fraction.values=[]"]))
+
+
+def test_a_null_axis_is_removed() -> None:
+    steps = plan_steps(_compose(["+experiment=scarce_cpu", "chain.axes.labeled_fraction=null"]))
+    assert [s["name"] for s in steps if s["seed"] == 1] == ["base", "nst_poly", "kd", "nst_poly_kd"]
+    assert all(not s.get("variant") for s in steps)
