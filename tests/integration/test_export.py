@@ -22,7 +22,7 @@ from tests.cli import TINY, run_cli
 EXPORT = "kd_lightning.export"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # module: its folder is freed when the module ends
 def quant_run(tmp_path_factory, shared_npz: Path) -> Path:
     """Teacher (tiny resnet18 base run) -> quantized distillation student, both via the CLI."""
     work = tmp_path_factory.mktemp("quant_export")
@@ -41,7 +41,7 @@ def quant_run(tmp_path_factory, shared_npz: Path) -> Path:
     return student
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # module: its folder is freed when the module ends
 def exported(quant_run: Path) -> tuple[Path, dict]:
     out = quant_run.parent / "export"
     run_cli(
