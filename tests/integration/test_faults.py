@@ -9,6 +9,7 @@ method return NaN from its n-th call on. Then it runs `python -m kd_lightning` u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -501,6 +502,15 @@ STUDY = [
 STEPS = ("teacher", "base", "nst_linear", "nst_poly", "ta_resnet34", "nst_poly_ta")
 
 
+def _checkpoint_stamps(study: Path) -> dict[Path, int]:
+    """Each step's last.ckpt and its modification time (a new epoch rewrites it)."""
+    stamps = {}
+    for path in study.glob("*/checkpoints/last.ckpt"):
+        with contextlib.suppress(FileNotFoundError):  # being replaced right now
+            stamps[path] = path.stat().st_mtime_ns
+    return stamps
+
+
 def _study_results(study: Path) -> tuple[list[tuple], str, dict[str, bytes]]:
     chain = json.loads((study / "chain.json").read_text())
     steps = [(s["name"], s["status"], s["test"]) for s in chain["steps"]]
@@ -533,18 +543,23 @@ def test_study_killed_many_times_equals_an_uninterrupted_one(
                 start_new_session=True,
             )
             summaries = set(study.glob("*/summary.json"))
-            # Every third kill at a step boundary (the moment a step's summary.json appears),
-            # the others at a random time 1-7 s after the process started work on a step.
-            boundary = len(kills) % 3 == 2
+            checkpoints = _checkpoint_stamps(study)
+            # In turn: at a random time 1-7 s after the process started work on a step; the
+            # moment a step writes a new last.ckpt (so the next attempt must resume, however slow
+            # the machine is: on a loaded one every timed kill can land before the first
+            # checkpoint); at a step boundary (the moment a step's summary.json appears).
+            kind = ("timed", "checkpoint", "boundary")[len(kills) % 3]
             delay = rng.uniform(1.0, 7.0)
             started = None
             while proc.poll() is None:
                 text = log.read_text()
                 if started is None and "[kd_lightning] study " in text:
                     started = time.monotonic()
-                if boundary and set(study.glob("*/summary.json")) - summaries:
+                if kind == "boundary" and set(study.glob("*/summary.json")) - summaries:
                     break
-                if not boundary and started is not None and time.monotonic() - started > delay:
+                if kind == "checkpoint" and _checkpoint_stamps(study).items() - checkpoints.items():
+                    break
+                if kind == "timed" and started is not None and time.monotonic() - started > delay:
                     break
                 time.sleep(0.02)
             finished = proc.poll() is not None
@@ -559,7 +574,7 @@ def test_study_killed_many_times_equals_an_uninterrupted_one(
             if "[kd_lightning] study " in logs[-1]
             else "-"
         )
-        kills.append(f"{'boundary' if boundary else f'{delay:.1f}s'}@{step}")
+        kills.append(f"{f'{delay:.1f}s' if kind == 'timed' else kind}@{step}")
     final = run_cli(args[3:], cwd=tmp_path)
     logs.append(final.stdout)
     print(f"kills: {len(kills)}: {kills}")
