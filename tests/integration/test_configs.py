@@ -267,6 +267,7 @@ def test_scarce_cpu_runs_every_method_at_every_label_fraction() -> None:
         assert step["teacher_step"] in (None, "teacher")  # the shared, fully labelled teacher
     cfg = _compose(["+experiment=scarce_cpu", *teacher[0]["overrides"]])
     assert cfg.data.labeled_fraction == 1.0 and cfg.model.arch == "resnet34"
+    assert cfg.trainer.max_epochs == 12  # teacher_recipes_cpu's best recipe
     combos = {(s["name"].split("[")[0], s["variant"]["labeled_fraction"]) for s in students}
     assert combos == {(m, f) for m in ("base", "nst_poly", "kd", "nst_poly_kd") for f in fractions}
 

@@ -18,19 +18,24 @@ from kd_lightning.conf_path import config_dir
 from tests.cli import ROOT, cli_env
 
 README = (ROOT / "README.md").read_text()
+EXPERIMENT_READMES = sorted((ROOT / "experiments").glob("*/README.md"))
 
 
-def _commands() -> list[str]:
-    """Commands in code blocks and inline code spans (inline spans may wrap over lines)."""
+def _commands(text: str) -> list[str]:
+    """Commands in code blocks (a trailing backslash continues a line) and inline code spans
+    (inline spans may wrap over lines)."""
     found = []
-    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        block = re.sub(r"\\\n\s*", " ", block)
         found += [line.split("#")[0].strip() for line in block.splitlines()]
-    for span in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", README, flags=re.S)):
+    for span in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S)):
         found.append(" ".join(span.split()))
     return [c for c in found if c.startswith(("python -m kd_lightning", "make "))]
 
 
-COMMANDS = _commands()
+COMMANDS = _commands(README)
+# The experiments' READMEs show the commands that produced their results: those must compose too.
+EXPERIMENT_COMMANDS = sorted({c for r in EXPERIMENT_READMES for c in _commands(r.read_text())})
 
 
 def test_readme_shows_the_main_commands() -> None:
@@ -39,20 +44,33 @@ def test_readme_shows_the_main_commands() -> None:
     assert len(COMMANDS) >= 15
 
 
+def test_experiment_readmes_show_their_commands() -> None:
+    assert len(EXPERIMENT_READMES) >= 8
+    assert (
+        sum(c.startswith("python -m kd_lightning +experiment=") for c in EXPERIMENT_COMMANDS) >= 10
+    )
+
+
 @pytest.mark.parametrize(
-    "command", [c for c in COMMANDS if re.match(r"python -m kd_lightning( |$)", c)]
+    "command",
+    sorted(
+        {c for c in COMMANDS + EXPERIMENT_COMMANDS if re.match(r"python -m kd_lightning( |$)", c)}
+    ),
 )
 def test_training_command_composes(command: str, tmp_path: Path) -> None:
-    # Placeholders stand for a run directory the user has.
+    # Placeholders (<run>, <methods_cpu>, a trailing ...) stand for a run directory the user has.
     args = [a for a in shlex.split(command)[3:] if a != "-m"]
-    args = [re.sub(r"<run>|\.\.\.$", "x", a) for a in args]
+    args = [re.sub(r"<[a-z_]+>|\.\.\.$", "x", a) for a in args]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=args)
     assert cfg.task and cfg.name
 
 
 @pytest.mark.parametrize(
-    "command", [c for c in COMMANDS if re.match(r"python -m kd_lightning\.\w+", c)]
+    "command",
+    sorted(
+        {c for c in COMMANDS + EXPERIMENT_COMMANDS if re.match(r"python -m kd_lightning\.\w+", c)}
+    ),
 )
 def test_module_cli_knows_every_flag_shown(command: str) -> None:
     module = shlex.split(command)[2]
