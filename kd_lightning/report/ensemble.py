@@ -6,7 +6,8 @@ members must have predicted the same images with the same labels). DIR gets the 
 ensemble) whose statistics are computed exactly as a trained run's, so `python -m
 kd_lightning.report` lists it in the teacher table beside the runs it is compared with.
 `ensemble.md` in DIR pairs the ensemble with each member, and with each `--compare` run (e.g. the
-Base students), on the same test images: DeLong's test for the AUROC difference.
+Base students), on the same test images: DeLong's test for the AUROC difference, Holm-adjusted
+within each of the two families, and the verdict.
 
 Only what the runs already predicted is used: nothing is trained or loaded into torch.
 """
@@ -35,6 +36,7 @@ from kd_lightning.report.reading import ReportError
 from kd_lightning.report.statistics.calibration import softmax
 from kd_lightning.report.statistics.discrimination import medmnist_acc, medmnist_auc
 from kd_lightning.report.statistics.paired import delong_test
+from kd_lightning.report.statistics.seeds import holm, verdict
 from kd_lightning.report.statistics.summary import run_statistics
 
 ENSEMBLE_REPORT = "ensemble.md"
@@ -151,20 +153,29 @@ def build_ensemble(
 
 
 def comparison_table(out_dir: Path, members: Sequence[Path], compare: Sequence[Path]) -> list[str]:
-    """Markdown lines: ensemble vs each member and each `compare` run, DeLong on test images."""
+    """Markdown lines: the ensemble against each member and each `compare` run on the same test
+    images, DeLong's test, Holm-adjusted within each family (members; compared runs)."""
     ensemble = read_predictions(out_dir, "test")
     lines = [
-        "| ensemble vs | its test AUROC % | Δ AUROC (ensemble - it) [95%] | p (DeLong) |",
-        "|---|---|---|---|",
+        "| ensemble vs | its test AUROC % | Δ AUROC (ensemble - it) [95%] | p (DeLong) | p Holm "
+        "| verdict |",
+        "|---|---|---|---|---|---|",
     ]
-    for kind, run_dir in [("member", d) for d in members] + [("compare", d) for d in compare]:
-        other = _finished_run(run_dir)[1]["test"]
-        _check_same_images(out_dir, ensemble, run_dir, other, "test")
-        result = delong_test(ensemble.label != 0, ensemble.positive_score, other.positive_score)
-        lines.append(
-            f"| {kind} {run_dir} | {100 * result['auroc_b']:.2f} | {100 * result['diff']:+.2f} "
-            f"[{100 * result['low']:+.2f}, {100 * result['high']:+.2f}] | {result['p']:.3g} |"
-        )
+    for kind, family in (("member", members), ("compare", compare)):
+        results = []
+        for run_dir in family:
+            other = _finished_run(run_dir)[1]["test"]
+            _check_same_images(out_dir, ensemble, run_dir, other, "test")
+            labels = ensemble.label != 0
+            results.append(delong_test(labels, ensemble.positive_score, other.positive_score))
+        adjusted = holm([r["p"] for r in results])
+        for run_dir, result, p_holm in zip(family, results, adjusted, strict=True):
+            lines.append(
+                f"| {kind} {run_dir} | {100 * result['auroc_b']:.2f} | "
+                f"{100 * result['diff']:+.2f} [{100 * result['low']:+.2f}, "
+                f"{100 * result['high']:+.2f}] | {result['p']:.3g} | {p_holm:.3g} | "
+                f"{verdict(result['diff'], p_holm)} |"
+            )
     return lines
 
 

@@ -67,6 +67,10 @@ def test_ensemble_averages_logits_and_beats_its_members(tmp_path: Path, capsys) 
     assert value["value"] > max(member_aurocs)
     md = (out / "ensemble.md").read_text()
     assert md.count("| member ") == 3 and md.count("| compare ") == 1
+    # Base (half the signal) is far weaker: the only row of its family, so Holm leaves its p
+    compare_row = next(line for line in md.splitlines() if line.startswith("| compare "))
+    cells = [c.strip() for c in compare_row.strip("|").split("|")]
+    assert cells[3] == cells[4] and cells[5] == "better"
     assert md in capsys.readouterr().out + "\n"
     # the report lists the ensemble in its teacher table, with its interval
     runs = report.collect_runs([out])
