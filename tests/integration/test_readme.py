@@ -18,7 +18,7 @@ from kd_lightning.conf_path import config_dir
 from tests.cli import ROOT, cli_env
 
 README = (ROOT / "README.md").read_text()
-EXPERIMENT_READMES = sorted((ROOT / "experiments").glob("*/README.md"))
+EXPERIMENT_READMES = sorted((ROOT / "experiments").rglob("README.md"))
 
 
 def _commands(text: str) -> list[str]:
