@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kd_lightning.artifacts import SUMMARY_FILE
 from kd_lightning.report.reading import ReportError, collect_runs, unfinished_chain_steps
@@ -27,27 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="sweep sort key, and the extra metric of the paired comparison (default test/auroc)",
     )
     parser.add_argument("--sweep", action="store_true", help="write sweep.md/.csv instead")
-    parser.add_argument(
-        "--target-sensitivity",
-        type=_fraction,
-        default=0.95,
-        help="second operating point, chosen on validation (default 0.95)",
-    )
-    parser.add_argument(
-        "--bootstrap-resamples",
-        type=_at_least(200),
-        default=2000,
-        help="stratified bootstrap resamples per interval (default 2000)",
-    )
-    parser.add_argument("--bootstrap-seed", type=int, default=0)
-    parser.add_argument("--calibration-bins", type=_at_least(2), default=15)
+    add_evaluation_arguments(parser)
     args = parser.parse_args(argv)
-    evaluation = {
-        "target_sensitivity": args.target_sensitivity,
-        "bootstrap_resamples": args.bootstrap_resamples,
-        "bootstrap_seed": args.bootstrap_seed,
-        "calibration_bins": args.calibration_bins,
-    }
+    evaluation = evaluation_settings(args)
     out_dir = Path(args.out or args.dirs[0])
     try:
         if args.sweep:
@@ -69,6 +52,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in paths.values():
         print(path)
     return 0
+
+
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The statistics settings every report command takes (`evaluation_settings` reads them)."""
+    parser.add_argument(
+        "--target-sensitivity",
+        type=_fraction,
+        default=0.95,
+        help="second operating point, chosen on validation (default 0.95)",
+    )
+    parser.add_argument(
+        "--bootstrap-resamples",
+        type=_at_least(200),
+        default=2000,
+        help="stratified bootstrap resamples per interval (default 2000)",
+    )
+    parser.add_argument("--bootstrap-seed", type=int, default=0)
+    parser.add_argument("--calibration-bins", type=_at_least(2), default=15)
+
+
+def evaluation_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "target_sensitivity": args.target_sensitivity,
+        "bootstrap_resamples": args.bootstrap_resamples,
+        "bootstrap_seed": args.bootstrap_seed,
+        "calibration_bins": args.calibration_bins,
+    }
 
 
 class _OneLineParser(argparse.ArgumentParser):

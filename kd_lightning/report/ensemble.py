@@ -31,7 +31,7 @@ from kd_lightning.artifacts import (
     write_json_atomic,
     write_predictions,
 )
-from kd_lightning.report.cli import _at_least, _fraction, _OneLineParser
+from kd_lightning.report.cli import _OneLineParser, add_evaluation_arguments, evaluation_settings
 from kd_lightning.report.reading import ReportError
 from kd_lightning.report.statistics.calibration import softmax
 from kd_lightning.report.statistics.discrimination import medmnist_acc, medmnist_auc
@@ -85,8 +85,9 @@ def average_logits(
 
 def build_ensemble(
     run_dirs: Sequence[Path], out_dir: Path, evaluation: dict[str, Any]
-) -> dict[str, Any]:
-    """Write the ensemble's predictions and summary.json into `out_dir`; return the summary."""
+) -> tuple[dict[str, Any], Predictions, list[tuple[Path, Predictions]]]:
+    """Write the ensemble's predictions and summary.json into `out_dir`; return the summary, the
+    ensemble's test predictions and each member's (directory, test predictions)."""
     if len(run_dirs) < 2:
         raise ReportError(f"{len(run_dirs)} run given; expected at least 2 ensemble members")
     resolved = [Path(d).resolve() for d in run_dirs]
@@ -149,27 +150,31 @@ def build_ensemble(
             predictions.files,
         )
     write_json_atomic(out_dir / "summary.json", summary)
-    return summary
+    return summary, test, [(d, predictions["test"]) for d, predictions in members]
 
 
-def comparison_table(out_dir: Path, members: Sequence[Path], compare: Sequence[Path]) -> list[str]:
-    """Markdown lines: the ensemble against each member and each `compare` run on the same test
-    images, DeLong's test, Holm-adjusted within each family (members; compared runs)."""
-    ensemble = read_predictions(out_dir, "test")
+def comparison_table(
+    out_dir: Path,
+    ensemble: Predictions,
+    members: Sequence[tuple[Path, Predictions]],
+    compared: Sequence[tuple[Path, Predictions]],
+) -> list[str]:
+    """Markdown lines: the ensemble (test predictions, written to `out_dir`) against each member and
+    each compared run on the same test images, DeLong's test, Holm-adjusted within each family
+    (members; compared runs)."""
     lines = [
         "| ensemble vs | its test AUROC % | Δ AUROC (ensemble - it) [95%] | p (DeLong) | p Holm "
         "| verdict |",
         "|---|---|---|---|---|---|",
     ]
-    for kind, family in (("member", members), ("compare", compare)):
+    labels = ensemble.label != 0
+    for kind, family in (("member", members), ("compare", compared)):
         results = []
-        for run_dir in family:
-            other = _finished_run(run_dir)[1]["test"]
+        for run_dir, other in family:
             _check_same_images(out_dir, ensemble, run_dir, other, "test")
-            labels = ensemble.label != 0
             results.append(delong_test(labels, ensemble.positive_score, other.positive_score))
         adjusted = holm([r["p"] for r in results])
-        for run_dir, result, p_holm in zip(family, results, adjusted, strict=True):
+        for (run_dir, _), result, p_holm in zip(family, results, adjusted, strict=True):
             lines.append(
                 f"| {kind} {run_dir} | {100 * result['auroc_b']:.2f} | "
                 f"{100 * result['diff']:+.2f} [{100 * result['low']:+.2f}, "
@@ -190,24 +195,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--compare", nargs="*", default=[], metavar="RUN", help="runs to pair the ensemble with"
     )
-    parser.add_argument("--target-sensitivity", type=_fraction, default=0.95)
-    parser.add_argument("--bootstrap-resamples", type=_at_least(200), default=2000)
-    parser.add_argument("--bootstrap-seed", type=int, default=0)
-    parser.add_argument("--calibration-bins", type=_at_least(2), default=15)
+    add_evaluation_arguments(parser)
     args = parser.parse_args(argv)
-    evaluation = {
-        "target_sensitivity": args.target_sensitivity,
-        "bootstrap_resamples": args.bootstrap_resamples,
-        "bootstrap_seed": args.bootstrap_seed,
-        "calibration_bins": args.calibration_bins,
-    }
+    evaluation = evaluation_settings(args)
     out_dir = Path(args.out)
     try:
         members = [Path(r) for r in args.runs]
-        compare = [Path(r) for r in args.compare]
-        for run_dir in compare:
-            _finished_run(run_dir)  # refuse a bad --compare before anything is written
-        summary = build_ensemble(members, out_dir, evaluation)
+        # read (and refuse a bad --compare) before anything is written
+        compared = [(Path(r), _finished_run(Path(r))[1]["test"]) for r in args.compare]
+        summary, ensemble, member_tests = build_ensemble(members, out_dir, evaluation)
         auroc = summary["statistics"]["test"]["auroc"]
         lines = [
             f"# {summary['name']}: {summary['combination']} of {len(members)} runs",
@@ -216,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{100 * auroc['high']:.2f}] (stratified bootstrap 95%, "
             f"{args.bootstrap_resamples} resamples).",
             "",
-            *comparison_table(out_dir, members, compare),
+            *comparison_table(out_dir, ensemble, member_tests, compared),
         ]
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
