@@ -5,6 +5,7 @@ in test_configs.py, the report / explain / export CLIs in their own tests."""
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 import subprocess
@@ -51,12 +52,24 @@ def test_experiment_readmes_show_their_commands() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "command",
-    sorted(
-        {c for c in COMMANDS + EXPERIMENT_COMMANDS if re.match(r"python -m kd_lightning( |$)", c)}
-    ),
-)
+def _shown(pattern: str) -> list[str]:
+    """Every command of README.md and the experiments' READMEs that matches `pattern`, once."""
+    return sorted({c for c in COMMANDS + EXPERIMENT_COMMANDS if re.match(pattern, c)})
+
+
+@functools.cache
+def _help(module: str) -> subprocess.CompletedProcess:
+    """`python -m MODULE --help`, run once per module however many commands show it."""
+    return subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("command", _shown(r"python -m kd_lightning( |$)"))
 def test_training_command_composes(command: str, tmp_path: Path) -> None:
     # Placeholders (<run>, <methods_cpu>, a trailing ...) stand for a run directory the user has.
     args = [a for a in shlex.split(command)[3:] if a != "-m"]
@@ -66,21 +79,10 @@ def test_training_command_composes(command: str, tmp_path: Path) -> None:
     assert cfg.task and cfg.name
 
 
-@pytest.mark.parametrize(
-    "command",
-    sorted(
-        {c for c in COMMANDS + EXPERIMENT_COMMANDS if re.match(r"python -m kd_lightning\.\w+", c)}
-    ),
-)
+@pytest.mark.parametrize("command", _shown(r"python -m kd_lightning\.\w+"))
 def test_module_cli_knows_every_flag_shown(command: str) -> None:
     module = shlex.split(command)[2]
-    proc = subprocess.run(
-        [sys.executable, "-m", module, "--help"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=120,
-    )
+    proc = _help(module)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for flag in re.findall(r"(--[a-z][a-z-]+)", command):
         assert flag in proc.stdout, (module, flag)
