@@ -38,6 +38,7 @@ from kd_lightning.report.statistics.discrimination import medmnist_acc, medmnist
 from kd_lightning.report.statistics.paired import delong_test
 from kd_lightning.report.statistics.seeds import holm, verdict
 from kd_lightning.report.statistics.summary import run_statistics
+from kd_lightning.report.trust import same_images
 
 ENSEMBLE_REPORT = "ensemble.md"
 
@@ -59,12 +60,7 @@ def _finished_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Predictions]
 def _check_same_images(
     reference_dir: Path, reference: Predictions, run_dir: Path, other: Predictions, split: str
 ) -> None:
-    if (
-        other.index.shape != reference.index.shape
-        or not np.array_equal(other.index, reference.index)
-        or not np.array_equal(other.label, reference.label)
-        or other.num_classes != reference.num_classes
-    ):
+    if not same_images(reference, other) or other.num_classes != reference.num_classes:
         raise ReportError(
             f"{run_dir}: its {split} predictions are not of the same images, labels and classes "
             f"as {reference_dir}'s; expected runs evaluated on the same data"

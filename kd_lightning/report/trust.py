@@ -151,7 +151,8 @@ def method_summary(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _same_images(a: Predictions, b: Predictions) -> bool:
+def same_images(a: Predictions, b: Predictions) -> bool:
+    """Both predict the same images (index) with the same labels, in the same order."""
     return (
         a.label.shape == b.label.shape
         and bool((a.label == b.label).all())
@@ -183,7 +184,7 @@ def paired_against_base(
             if ref is None:
                 continue
             ours, theirs = run["predictions"]["test"], ref["predictions"]["test"]
-            if not _same_images(ours, theirs):
+            if not same_images(ours, theirs):
                 notes.append(
                     f"{row['method']} seed {run['seed']} and base were tested on different "
                     "images (index or labels differ): not paired"
