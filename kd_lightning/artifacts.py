@@ -151,6 +151,19 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
     return summary
 
 
+def best_checkpoint(summary: dict[str, Any], summary_file: Path) -> Path | None:
+    """The best checkpoint a summary names. summary.json records it as an absolute path; when
+    that path is gone but the run directory holds a file of that name in checkpoints/, the run
+    directory was moved (a study copied elsewhere) and that file is the one. None when the
+    summary names none; a missing path is returned as recorded, for the caller's error."""
+    recorded = summary.get("best_checkpoint")
+    if not recorded:
+        return None
+    path = Path(recorded)
+    moved = Path(summary_file).parent / CHECKPOINT_DIR / path.name
+    return moved if not path.is_file() and moved.is_file() else path
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-image predictions
 

@@ -115,21 +115,21 @@ def check_teacher_data(cfg: DictConfig) -> None:
     summary_file = path / SUMMARY_FILE if path.is_dir() else path
     facts: dict[str, Any] = {}
     if summary_file.name.endswith(".json") and summary_file.is_file():
-        from kd_lightning.artifacts import read_json
+        from kd_lightning.artifacts import best_checkpoint, read_json
 
         summary = read_json(summary_file, "a summary.json written by kd_lightning.run")
         data = summary.get("data") or {} if isinstance(summary, dict) else {}
         facts = {k: data.get(k) for k in ("num_classes", "in_channels", "image_size")}
         origin = f"teacher {summary_file}"
-        best = summary.get("best_checkpoint") if isinstance(summary, dict) else None
-        if best and not Path(best).is_file():
+        best = best_checkpoint(summary, summary_file) if isinstance(summary, dict) else None
+        if best and not best.is_file():
             raise ArtifactError(
                 f"teacher checkpoint {best} named in {summary_file} is missing; restore it, "
                 f"or retrain the teacher (move {summary_file.parent} away and rerun its command)"
             )
         if best:
             check_checkpoint_file(
-                Path(best),
+                best,
                 "teacher checkpoint",
                 f"named in {summary_file}; restore the file or retrain the teacher "
                 f"(move {summary_file.parent} away and rerun its command)",

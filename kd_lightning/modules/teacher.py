@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd_lightning.artifacts import best_checkpoint
 from kd_lightning.models.backbones import load_weights
 from kd_lightning.models.networks import build_model
 
@@ -30,10 +31,12 @@ def resolve_teacher_checkpoint(source: str | Path) -> Path:
     if path.name.endswith(".json"):
         summary_file = path
         try:
-            summary = json.loads(path.read_text())
-            path = Path(summary["best_checkpoint"])
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{path} is not a kd_lightning summary (no best_checkpoint)") from err
+            named = best_checkpoint(json.loads(path.read_text()), summary_file)
+        except (json.JSONDecodeError, AttributeError):
+            named = None
+        if named is None:
+            raise ValueError(f"{path} is not a kd_lightning summary (no best_checkpoint)")
+        path = named
         if not path.is_file():
             raise FileNotFoundError(
                 f"teacher checkpoint {path} named in {summary_file} is missing; restore it, or "

@@ -210,6 +210,23 @@ def test_broken_teacher_best_checkpoint_is_one_line(
     assert not list(student.rglob("*.ckpt"))
 
 
+def test_teacher_run_moved_elsewhere_still_teaches(tmp_path: Path, teacher_run: Path) -> None:
+    """summary.json names its checkpoint by absolute path; a study copied to another place (the
+    old one deleted) must still teach from the copy's own checkpoints/ folder."""
+    teacher = tmp_path / "moved" / "teacher"
+    shutil.copytree(teacher_run, teacher, ignore=shutil.ignore_patterns(LOCK_FILE))
+    summary = json.loads((teacher / "summary.json").read_text())
+    name = Path(summary["best_checkpoint"]).name
+    summary["best_checkpoint"] = str(tmp_path / "deleted" / "teacher" / "checkpoints" / name)
+    (teacher / "summary.json").write_text(json.dumps(summary))
+    student = tmp_path / "student"
+    run_cli(
+        ["+experiment=nst_poly", f"module.teacher={teacher}", *BUDGET, f"hydra.run.dir={student}"],
+        cwd=tmp_path,
+    )
+    assert json.loads((student / "summary.json").read_text())["method"] == "nst_poly"
+
+
 # ----------------------------------------------------------------------------------------------
 # A teacher trained on other data; a chain step naming a teacher step that does not exist
 

@@ -20,6 +20,7 @@ from kd_lightning.__main__ import error_line
 from kd_lightning.artifacts import (
     ArtifactError,
     DiskFullError,
+    best_checkpoint,
     read_json,
     read_predictions,
     read_summary,
@@ -219,3 +220,21 @@ def test_numbers_in_range_and_nulls_pass() -> None:
 def test_error_line_is_one_line() -> None:
     assert error_line(KeyError("no such key")) == "kd_lightning: error: no such key"
     assert error_line(ValueError("a\nb")) == "kd_lightning: error: a b"
+
+
+def test_best_checkpoint_follows_a_moved_run_directory(tmp_path: Path) -> None:
+    run = tmp_path / "now" / "teacher"
+    (run / "checkpoints").mkdir(parents=True)
+    gone = str(tmp_path / "before" / "teacher" / "checkpoints" / "best-epoch=003.ckpt")
+    summary_file = run / "summary.json"
+    assert best_checkpoint({}, summary_file) is None
+    # Neither the recorded file nor a moved copy: the recorded path, for the caller's error.
+    assert best_checkpoint({"best_checkpoint": gone}, summary_file) == Path(gone)
+    (run / "checkpoints" / "best-epoch=003.ckpt").write_bytes(b"x")
+    assert best_checkpoint({"best_checkpoint": gone}, summary_file) == (
+        run / "checkpoints" / "best-epoch=003.ckpt"
+    )
+    # The recorded file wins while it exists.
+    Path(gone).parent.mkdir(parents=True)
+    Path(gone).write_bytes(b"y")
+    assert best_checkpoint({"best_checkpoint": gone}, summary_file) == Path(gone)
