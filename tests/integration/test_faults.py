@@ -326,7 +326,9 @@ def test_second_process_on_a_run_dir_is_refused_naming_the_holder(
         _one_error(second, f"run directory {run.resolve()} is in use by another kd_lightning")
         assert f"(pid {first.pid}," in second.stderr
         assert _hydra_stamps(run) == hydra_files  # the lock comes before Hydra writes anything
-        out, _ = first.communicate(timeout=300)
+        # 300 batches: about a minute alone, but over 300 s on a 2-core machine running a study
+        # beside the tests (seen once); the bound only stops a hung holder.
+        out, _ = first.communicate(timeout=900)
     finally:
         if first.poll() is None:
             first.kill()
